@@ -1,0 +1,1 @@
+"""HcNet: being written."""

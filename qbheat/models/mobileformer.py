@@ -1,0 +1,1 @@
+"""Mobile-Former (Chen et al., 2022): being written."""

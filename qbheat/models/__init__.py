@@ -41,3 +41,24 @@ def spatial_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Ten
             "pick a convolutional or Mobile-Former backbone."
         )
     return fmap, tokens
+
+
+def feature_indices(model: torch.nn.Module, strides: tuple[int, ...] = (8, 16, 32)) -> list[int]:
+    """Indices into ``model.feature_info`` of the last feature level at each requested stride."""
+    info = model.feature_info
+    by_stride = {}
+    for i, f in enumerate(info):
+        by_stride[f["reduction"]] = i  # later entries at the same stride win (deepest level)
+    missing = [s for s in strides if s not in by_stride]
+    if missing:
+        raise QBHeatError(f"model {type(model).__name__} has no feature level at stride {missing}; it offers {sorted(by_stride)}.")
+    return [by_stride[s] for s in strides]
+
+
+def multiscale_features(model: torch.nn.Module, x: torch.Tensor, strides: tuple[int, ...] = (8, 16, 32)) -> list[torch.Tensor]:
+    """Feature maps of one backbone instance at the given strides, through timm's ``forward_intermediates``.
+
+    Works on the same module that classification and pre-training use, so a detector can sit on a
+    frozen pre-trained backbone without re-creating it with ``features_only=True``.
+    """
+    return model.forward_intermediates(x, indices=feature_indices(model, strides), intermediates_only=True)

@@ -1,0 +1,23 @@
+"""``qbheat-export report RUNS... [--compare BASELINE] --out DIR``: merge runs into JSON, Markdown, HTML."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="result JSON files from 'qbheat-export bench' or bundles")
+    p.add_argument("--compare", metavar="BASELINE", help="a previous result or report JSON; flags p50 changes beyond the noise")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md and report.html")
+    p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any row regressed beyond the noise")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deploy_targets.report import build_report
+
+    merged = build_report(args.runs, args.out, args.compare)
+    regressions = [c for c in merged.get("comparisons", []) if c["verdict"] == "regression"]
+    for c in merged.get("comparisons", []):
+        print(f"{c['verdict']:>12}  {c['delta'] * 100:+6.1f} % (threshold {c['threshold'] * 100:.1f} %)  {c['key']}")
+    print(f"qbheat-export report: {len(merged['rows'])} rows from {len(args.runs)} run(s) -> {args.out}/report.{{json,md,html}}", file=sys.stderr)
+    return 1 if regressions and args.fail_on_regression else 0

@@ -1,0 +1,50 @@
+"""ONNX Runtime (CPU execution provider by default; any provider the profile names)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import QBHeatError
+from . import Runner, _missing
+
+
+class OnnxRuntimeRunner(Runner):
+    runtime = "onnxruntime"
+
+    def _load(self, path: Path) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise _missing("onnxruntime", "onnxruntime", "export") from None
+        self._ort = ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.inter_op_num_threads = 1
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        so.log_severity_level = 3
+        provider = self.options.get("execution_provider", "CPUExecutionProvider")
+        if provider not in ort.get_available_providers():
+            raise QBHeatError(f"ONNX Runtime here has no {provider}; available: {ort.get_available_providers()}.")
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=[provider])
+        except Exception as e:  # noqa: BLE001 (ORT raises its own Fail/InvalidGraph types)
+            raise QBHeatError(f"ONNX Runtime could not load {path}: {str(e).splitlines()[0]}") from None
+        self._output_names = [o.name for o in self.session.get_outputs()]
+
+    def inputs(self) -> list[dict[str, Any]]:
+        return [{"name": i.name, "shape": list(i.shape), "dtype": i.type} for i in self.session.get_inputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, outs))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"runtime_version": self._ort.__version__, "device": "CPU" if "CPU" in self.session.get_providers()[0] else self.session.get_providers()[0],
+                "providers": self.session.get_providers()}
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,74 @@
+"""OpenVINO (IR .xml/.bin, or an ONNX file read directly).
+
+Compute precision: OpenVINO on CPUs with AVX512_BF16 or AMX silently computes in bf16. This runner
+sets ``INFERENCE_PRECISION_HINT`` to f32 by default so an fp32 (or INT8, whose non-quantised parts
+are f32) artifact runs as exported; an fp16 artifact asks for f16 where the device lists FP16 among
+its optimisation capabilities, else f32. ``[options] inference_precision`` in the profile overrides
+both (our choice: numbers must match the parity results unless the user opts out).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import QBHeatError
+from . import Runner, _missing
+
+
+class OpenVinoRunner(Runner):
+    runtime = "openvino"
+
+    def _load(self, path: Path) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise _missing("openvino", "openvino", "openvino") from None
+        self._ov = ov
+        core = ov.Core()
+        device = self.options.get("device", "CPU")
+        if device not in core.available_devices:
+            raise QBHeatError(f"OpenVINO here has no device {device!r}; available: {core.available_devices}.")
+        hint = self.options.get("inference_precision")
+        if hint is None:
+            hint = "f32"
+            if self.precision == "fp16":
+                caps = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+                hint = "f16" if "FP16" in caps else "f32"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": self.options.get("performance_hint", "LATENCY"),
+                                  "INFERENCE_PRECISION_HINT": hint}
+        if device == "CPU":
+            config["NUM_STREAMS"] = "1"
+            if self.threads:
+                config["INFERENCE_NUM_THREADS"] = self.threads
+        try:
+            model = core.read_model(str(path))
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as e:  # noqa: BLE001 (OpenVINO raises RuntimeError with long C++ text)
+            raise QBHeatError(f"OpenVINO could not load {path}: {str(e).splitlines()[0]}") from None
+        self.request = self.compiled.create_infer_request()
+        self._device = device
+        hint_value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self._hint = hint_value.get_type_name() if hasattr(hint_value, "get_type_name") else str(hint_value)
+        self._outputs = [(o, o.get_any_name()) for o in self.compiled.outputs]
+
+    def inputs(self) -> list[dict[str, Any]]:
+        out = []
+        for i in self.compiled.inputs:
+            shape = [d.get_length() if d.is_static else "dynamic" for d in i.get_partial_shape()]
+            out.append({"name": i.get_any_name(), "shape": shape, "dtype": str(i.get_element_type())})
+        return out
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.request.infer(inputs)
+        return {name: np.array(result[port]) for port, name in self._outputs}
+
+    def _describe(self) -> dict[str, Any]:
+        core = self._ov.Core()
+        return {"runtime_version": self._ov.get_version(), "device": self._device,
+                "device_name": core.get_property(self._device, "FULL_DEVICE_NAME"),
+                "inference_precision": self._hint}
+
+    def close(self) -> None:
+        self.request = self.compiled = None

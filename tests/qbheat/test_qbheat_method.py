@@ -1,0 +1,198 @@
+"""QB-Heat: quarter masking, the heat predictor against a slow reference, the loss, and any-backbone use."""
+import pytest
+import timm
+import torch
+
+from qbheat.errors import QBHeatError
+from qbheat.methods.qbheat import (
+    HeatPredictor,
+    QBHeat,
+    QBHeatConfig,
+    assemble_quarters,
+    masked_reconstruction_loss,
+    quarter_block_mask,
+    resolve_feature_level,
+    sample_visible_corners,
+    visible_quarter,
+)
+from qbheat.models import create_model
+
+ALL_CORNERS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("size", [(8, 8), (64, 64), (224, 224), (32, 48)])
+def test_mask_covers_exactly_three_quarters(size):
+    h, w = size
+    cy = torch.tensor([c[0] for c in ALL_CORNERS])
+    cx = torch.tensor([c[1] for c in ALL_CORNERS])
+    mask = quarter_block_mask(cy, cx, h, w)
+    assert mask.shape == (4, 1, h, w) and mask.dtype == torch.bool
+    for b, (r, c) in enumerate(ALL_CORNERS):
+        assert int(mask[b].sum()) == 3 * (h // 2) * (w // 2)  # exactly three quarters masked
+        visible = ~mask[b, 0]
+        rows, cols = visible.nonzero(as_tuple=True)
+        # the unmasked pixels form exactly the quarter block at (r, c)
+        assert rows.min() == r * h // 2 and rows.max() == (r + 1) * h // 2 - 1
+        assert cols.min() == c * w // 2 and cols.max() == (c + 1) * w // 2 - 1
+
+
+def test_visible_quarter_is_the_unmasked_block():
+    x = torch.randn(4, 3, 16, 20)
+    cy = torch.tensor([0, 0, 1, 1])
+    cx = torch.tensor([0, 1, 0, 1])
+    vis = visible_quarter(x, cy, cx)
+    assert vis.shape == (4, 3, 8, 10)
+    mask = quarter_block_mask(cy, cx, 16, 20)
+    for b in range(4):
+        assert torch.equal(vis[b].flatten(1), x[b][:, ~mask[b, 0]].reshape(3, -1))
+
+
+def test_random_corners_cover_all_four():
+    torch.manual_seed(0)
+    cy, cx = sample_visible_corners(400, "random", torch.device("cpu"))
+    counts = torch.bincount(cy * 2 + cx, minlength=4)
+    assert (counts > 60).all()  # each corner ≈ 100 of 400
+    cy, cx = sample_visible_corners(5, "top_left", torch.device("cpu"))
+    assert cy.sum() == 0 and cx.sum() == 0
+
+
+def _slow_heat(z, a, b, sx, sy, diagonal):
+    """Reference: explicit (I ± A), (I ± B) matrices applied to every feature vector in loops."""
+    bsz, c, h, w = z.shape
+    eye = torch.eye(c, dtype=torch.float64)
+    out_h, out_v, out_d = (torch.zeros(bsz, c, h, w, dtype=torch.float64) for _ in range(3))
+    for n in range(bsz):
+        px = eye + float(sx[n]) * a.double()
+        py = eye + float(sy[n]) * b.double()
+        diag = {"x_then_y": py @ px, "y_then_x": px @ py, "average": 0.5 * (py @ px + px @ py)}[diagonal]
+        for i in range(h):
+            for j in range(w):
+                v = z[n, :, i, j].double()
+                out_h[n, :, i, j] = px @ v
+                out_v[n, :, i, j] = py @ v
+                out_d[n, :, i, j] = diag @ v
+    return out_h, out_v, out_d
+
+
+@pytest.mark.parametrize("diagonal", ["x_then_y", "y_then_x", "average"])
+def test_heat_predictor_matches_slow_reference(diagonal):
+    torch.manual_seed(1)
+    pred = HeatPredictor(6, diagonal)
+    with torch.no_grad():
+        pred.A.normal_(0, 0.3)
+        pred.B.normal_(0, 0.3)
+    z = torch.randn(4, 6, 3, 2)
+    sx = torch.tensor([1, -1, 1, -1])
+    sy = torch.tensor([1, 1, -1, -1])
+    fast = pred(z, sx, sy)
+    slow = _slow_heat(z, pred.A.detach(), pred.B.detach(), sx, sy, diagonal)
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f.double(), s, atol=1e-5, rtol=1e-5)
+    # A and B do not commute here, so the diagonal order matters
+    if diagonal == "x_then_y":
+        other = HeatPredictor(6, "y_then_x")
+        other.load_state_dict(pred.state_dict())
+        assert (other(z, sx, sy)[2] - fast[2]).abs().max() > 1e-3
+
+
+def test_heat_predictor_starts_as_identity_step():
+    pred = HeatPredictor(5)
+    z = torch.randn(2, 5, 2, 2)
+    for out in pred(z):
+        assert torch.equal(out, z)
+
+
+def test_assemble_quarters_places_each_block():
+    z, zh, zv, zd = (torch.full((4, 2, 3, 3), float(v)) for v in (1, 2, 3, 4))
+    cy = torch.tensor([0, 0, 1, 1])
+    cx = torch.tensor([0, 1, 0, 1])
+    full = assemble_quarters(z, zh, zv, zd, cy, cx)
+    assert full.shape == (4, 2, 6, 6)
+    for b, (r, c) in enumerate(ALL_CORNERS):
+        for rr in (0, 1):
+            for cc in (0, 1):
+                block = full[b, :, rr * 3:(rr + 1) * 3, cc * 3:(cc + 1) * 3]
+                expected = {(True, True): 1, (True, False): 2, (False, True): 3, (False, False): 4}[(rr == r, cc == c)]
+                assert torch.all(block == expected), (b, rr, cc)
+
+
+def test_masked_loss_matches_slow_reference():
+    torch.manual_seed(2)
+    pred, img = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    mask = quarter_block_mask(torch.tensor([0, 1]), torch.tensor([1, 0]), 8, 8)
+    for norm in (False, True):
+        total, count = 0.0, 0
+        for b in range(2):
+            for i in range(0, 8, 2):
+                for j in range(0, 8, 2):
+                    if not mask[b, 0, i, j]:
+                        continue
+                    t = img[b, :, i:i + 2, j:j + 2].double()
+                    if norm:
+                        t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6).sqrt()
+                    total += float(((pred[b, :, i:i + 2, j:j + 2].double() - t) ** 2).mean())
+                    count += 1
+        assert count == 2 * 3 * 4  # 3 masked quarters × 4 patches of 2×2 per quarter
+        got = masked_reconstruction_loss(pred, img, mask, patch=2, norm_pix=norm)
+        assert got.item() == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("image_size,requested,expected", [(256, None, 32), (224, None, 16), (64, None, 32), (224, 16, 16)])
+def test_feature_level_tiles_the_quarter(image_size, requested, expected):
+    backbone = create_model("resnet10t", num_classes=0)
+    stride, chans, is_last = resolve_feature_level(backbone, image_size, requested)
+    assert stride == expected and (image_size // 2) % stride == 0
+    assert chans == {16: 256, 32: 512}[stride] and is_last == (stride == 32)
+
+
+def test_feature_stride_that_does_not_tile_is_refused():
+    backbone = create_model("resnet10t", num_classes=0)
+    with pytest.raises(QBHeatError, match="does not tile"):
+        resolve_feature_level(backbone, 224, 32)
+    with pytest.raises(QBHeatError, match="not a level"):
+        resolve_feature_level(backbone, 224, 64)
+
+
+def _models():
+    names = ["resnet10t", "mobilenetv3_small_100", "test_convnext"]
+    names += [m for m in ("mobileformer_micro",) if timm.is_model(m)]
+    return names
+
+
+@pytest.mark.parametrize("name", _models())
+def test_encoder_sees_only_the_visible_quarter(name):
+    torch.manual_seed(0)
+    size = 64
+    method = QBHeat(create_model(name, num_classes=0), QBHeatConfig(visible_corner="random", feature_stride=16), size).eval()
+    x = torch.randn(3, 3, size, size)
+    torch.manual_seed(5)
+    out = method([x])
+    # change only masked pixels: same corners (same seed) → same encoder features, different loss
+    torch.manual_seed(5)
+    cy, cx = sample_visible_corners(3, "random", x.device)
+    mask = quarter_block_mask(cy, cx, size, size)
+    y = torch.where(mask, torch.randn_like(x), x)
+    torch.manual_seed(5)
+    out2 = method([y])
+    torch.testing.assert_close(out["embeddings"][0], out2["embeddings"][0])
+    assert abs(out["loss"].item() - out2["loss"].item()) > 1e-5  # the target (masked pixels) changed
+    assert out["embeddings"][0].shape[0] == 3
+
+
+@pytest.mark.parametrize("name", _models())
+def test_qbheat_trains_backbone_predictor_and_decoder(name):
+    torch.manual_seed(0)
+    method = QBHeat(create_model(name, num_classes=0), QBHeatConfig(), 64)
+    out = method([torch.randn(2, 3, 64, 64)])
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert method.predictor.A.grad.abs().sum() > 0 and method.predictor.B.grad.abs().sum() > 0
+    assert method.decoder.to_pixels.weight.grad.abs().sum() > 0
+    first = next(p for p in method.backbone.parameters())
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_wrong_image_size_is_a_clear_error():
+    method = QBHeat(create_model("resnet10t", num_classes=0), QBHeatConfig(), 64)
+    with pytest.raises(QBHeatError, match="64-pixel"):
+        method([torch.randn(1, 3, 96, 96)])

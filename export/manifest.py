@@ -20,6 +20,19 @@ Schema ``qbheat.model_card/1`` (keys marked * are required)::
                        fp32_pinned: [..], notes: [..]}]
     tools*           {package: version}
     fp16_guard       {checked_on: int, overflowing: [..]}
+
+Optional keys written by ``export.pipeline`` (additive; readers may ignore them)::
+
+    artifacts[].files      [{path, sha256, size_bytes}] when an artifact is several files (OpenVINO .xml + .bin,
+                           TensorRT engine + sidecar JSON); ``path``/``sha256`` then name the main file
+    artifacts[].spec       Core ML spec check on Linux: {spec_version, outputs, ops, op_count, metadata, problems, passed}
+    artifacts[].mismatch   true when kept outside tolerance under --allow-mismatch
+    head.head_type, head.kwargs   the registered head (qbheat.heads) and its constructor arguments
+    calibration            {source, count, sha256 of the uint8 images}
+    parity_images          {source, count, sha256, batches}
+    parity_tolerances      the tolerance table used (export.parity)
+    not_built              [{format, precisions, reason, onnx_check}] requested but impossible here (e.g. TensorRT)
+    allow_mismatch, notes, timings_s, recipe
 """
 from __future__ import annotations
 

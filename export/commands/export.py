@@ -1,0 +1,80 @@
+"""``qbheat-export export``: checkpoint or timm model + head → verified ONNX / OpenVINO / Core ML / TensorRT.
+
+Examples:
+    qbheat-export export --model mobileformer_294m --head classifier --formats onnx,openvino,coreml \\
+        --precision fp32,fp16,int8 --out artifacts/mf294
+    qbheat-export export --checkpoint runs/probe.pt --formats onnx --precision int8 --calibration data/calib --out out/
+    qbheat-export export --model hcnet_edge_xs --head detector --head-variant nms --image-size 320 --out out/det
+    qbheat-export export --recipe export.yaml --out out/   # flags override the recipe
+
+Exit status: 0 on success; 2 for a user error (unknown model, mismatched checkpoint, missing backend,
+unwritable --out, empty calibration folder); 3 when an artifact fails parity (nothing is written
+unless --allow-mismatch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from export.recipe import ExportRecipe
+
+PARITY_EXIT = 3
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("source (one of)")
+    src.add_argument("--checkpoint", metavar="FILE", help="qbheat checkpoint (pretrain, probe or detector)")
+    src.add_argument("--model", metavar="NAME", help="timm model name (random init; qbheat never downloads weights)")
+    p.add_argument("--recipe", metavar="YAML", help="YAML file with the same fields as these flags; flags win")
+    p.add_argument("--head", choices=["classifier", "detector", "features"],
+                   help="head to export (default: the checkpoint's own head, else features)")
+    p.add_argument("--head-variant", help="classifier: logits|probabilities; detector: decode (boxes+scores) | nms (fixed-size detections)")
+    p.add_argument("--head-type", choices=["linear", "transformer_probe"], help="new classifier head type (default linear)")
+    p.add_argument("--num-classes", type=int, help="classes of a new, untrained head (default 1000 / 80)")
+    p.add_argument("--formats", help="comma list of onnx,openvino,coreml,tensorrt (default onnx,openvino,coreml)")
+    p.add_argument("--precision", dest="precisions", help="comma list of fp32,fp16,int8 (default all three)")
+    p.add_argument("--calibration", metavar="DIR", help="folder of calibration images (default: scikit-image's photos)")
+    p.add_argument("--calibration-count", type=int, help="calibration images to use (default 16)")
+    p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default: the model's)")
+    p.add_argument("--max-batch", type=int, help="largest batch of the dynamic batch dimension (default 64)")
+    p.add_argument("--out", metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--allow-mismatch", action="store_true", default=None, help="keep artifacts outside tolerance (recorded in the card)")
+    p.add_argument("--simplify", action="store_true", default=None, help="run onnxslim (kept only if outputs are unchanged)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out folder")
+    p.add_argument("--quiet", action="store_true", help="no step lines on stderr")
+    p.add_argument("--json", action="store_true", help="print the model card as JSON on stdout")
+
+
+FIELDS = ("checkpoint", "model", "head", "head_variant", "head_type", "num_classes", "formats", "precisions", "calibration",
+          "calibration_count", "image_size", "max_batch", "out", "allow_mismatch", "simplify", "overwrite")
+
+
+def recipe_from_args(args: argparse.Namespace) -> ExportRecipe:
+    recipe = ExportRecipe.from_yaml(args.recipe) if args.recipe else ExportRecipe()
+    return recipe.merged({k: getattr(args, k) for k in FIELDS}).validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.pipeline import ParityError, run_export
+
+    recipe = recipe_from_args(args)
+    try:
+        card = run_export(recipe, quiet=args.quiet)
+    except ParityError as e:
+        print(f"qbheat-export: parity failed: {e}", file=sys.stderr)
+        return PARITY_EXIT
+    if args.json:
+        print(json.dumps(card, indent=2))
+    else:
+        for a in card["artifacts"]:
+            flag = " MISMATCH (kept: --allow-mismatch)" if a.get("mismatch") else ""
+            print(f"{a['format']:<9} {a['precision']:<5} {a['verified']:<9} {a['size_bytes'] / 1e6:7.2f} MB  {a['path']}{flag}")
+        for n in card["not_built"]:
+            print(f"{n['format']:<9} not built: {n['reason']}")
+            chk = n.get("onnx_check")
+            if chk:
+                verdict = "parsable" if chk["parsable"] else f"unsupported {chk['unsupported'] + chk['restrictions']}"
+                print(f"{'':<9} ONNX check against the TensorRT parser's operator list: {verdict}")
+        print(f"model card: {recipe.out}/model_card.json")
+    return 0

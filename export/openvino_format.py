@@ -1,0 +1,94 @@
+"""OpenVINO IR from the ExportedProgram (not TorchScript tracing, which fails on attention models).
+
+* FP32: weights kept in float32 (``compress_to_fp16=False``).
+* FP16: weights compressed to float16 (``ov.save_model``'s default); nodes of modules the FP16 guard
+  flagged carry ``disable_fp16_compression_0`` in their rt_info and keep float32 weights.
+* INT8: NNCF post-training quantisation of the FP32 model on the calibration images (MinMax
+  statistics, performance preset). For detectors, the elementwise decoding ops are left out of
+  quantisation (``IgnoredScope`` by type, as Ultralytics does for its heads).
+
+Metadata lives in ``rt_info["model_info"]`` (OpenVINO's own slot, read by Model API). Parity runs
+with ``INFERENCE_PRECISION_HINT=f32``: this CPU would otherwise run bf16 and differ by ~1 %.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PARITY_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+DETECTOR_IGNORED_TYPES = ["Multiply", "Subtract", "Add", "Divide", "Sigmoid", "Sqrt", "Maximum", "Minimum", "Clamp"]
+
+
+def convert(program, input_name: str, output_names: tuple[str, ...], metadata: dict[str, str]):
+    """ExportedProgram → ov.Model with named inputs/outputs and ``model_info`` metadata."""
+    import openvino as ov
+
+    model = ov.convert_model(program)
+    model.inputs[0].get_tensor().set_names({input_name})
+    for out, name in zip(model.outputs, output_names):
+        out.get_tensor().set_names({name})
+    for k, v in metadata.items():
+        model.set_rt_info(str(v), ["model_info", str(k)])
+    return model
+
+
+def pin_fp32(model, node_names: set[str]) -> list[str]:
+    """Mark the nodes that came from guard-flagged modules so FP16 compression leaves them in FP32."""
+    if not node_names:
+        return []
+    pinned = []
+    for op in model.get_ops():
+        name = op.get_friendly_name()
+        base = name.split("/")[0].split(".")[0]
+        if name in node_names or base in node_names:
+            op.get_rt_info()["disable_fp16_compression_0"] = ""
+            pinned.append(name)
+    return pinned
+
+
+def save(model, xml_path: str | os.PathLike, compress_to_fp16: bool) -> list[Path]:
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    ov.save_model(model, str(xml_path), compress_to_fp16=compress_to_fp16)
+    return [xml_path, xml_path.with_suffix(".bin")]
+
+
+def quantize_int8(model, images: np.ndarray, detector: bool):
+    """NNCF post-training INT8 of ``model`` (an FP32 ov.Model) on ``images`` (N×3×H×W)."""
+    import nncf
+
+    dataset = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
+    ignored = nncf.IgnoredScope(types=DETECTOR_IGNORED_TYPES, validate=False) if detector else None
+    kwargs = {"ignored_scope": ignored} if ignored is not None else {}
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF draws its progress bars on stdout
+        return nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
+
+
+def runner(xml_path: str | os.PathLike, threads: int = 2):
+    """A function image batch → list of outputs, compiled for CPU with the f32 precision hint."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(xml_path), "CPU", {**PARITY_CONFIG, "INFERENCE_NUM_THREADS": threads})
+    outputs = list(compiled.outputs)
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        res = compiled(np.ascontiguousarray(x, np.float32))
+        return [np.asarray(res[o]) for o in outputs]
+
+    return run
+
+
+def read_metadata(xml_path: str | os.PathLike) -> dict[str, str]:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml_path))
+    if not model.has_rt_info(["model_info"]):
+        return {}
+    keys = list(model.get_rt_info()["model_info"])
+    return {k: model.get_rt_info(["model_info", k]).astype(str) for k in keys}

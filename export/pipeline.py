@@ -1,0 +1,603 @@
+"""The export pipeline: checkpoint or timm name → DeployableModel → ExportedProgram → formats → verified folder.
+
+Steps (each printed on stderr with its time):
+
+1. Resolve the recipe; check the output folder can be written and the requested backends import
+   (before any work). TensorRT is special: it needs an NVIDIA GPU and a package this project's
+   registries cannot provide, so where it cannot build, the ONNX file is checked against its
+   parser's operator list and the card's ``not_built`` says what was not built and why; the
+   export fails on it only when TensorRT was the only format asked for (our decision: one
+   impossible target should not cost the user the others).
+2. Load: a qbheat checkpoint (pretrain / probe / detector; a probe's or detector's trained head and
+   labels ship as they are) or a timm model name (random init; a new head is untrained and the
+   card says so). Preprocessing comes from the checkpoint or the timm config.
+3. ``timm.utils.model.reparameterize_model`` (conv+BN fusion, ``fuse()`` of Mobile-Former blocks);
+   parity is measured against the model *before* this step, so a wrong fusion is caught too.
+4. ``torch.export`` with an example batch of 2 and a symbolic batch dimension (asserted).
+5. Calibration images (``--calibration`` or scikit-image photos), parity images (other real crops),
+   FP16 guard when an FP16 artifact is requested.
+6. Per format × precision: build, then verify — run at batch 1 and batch 4 against PyTorch
+   (``export.parity``), or check the Core ML spec on Linux. Outside tolerance → stop, delete
+   everything, raise ``ParityError`` — unless ``allow_mismatch``, then the card records it.
+7. ``model_card.json`` with hashes; the temporary folder is renamed into place (atomic).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export import backends, parity
+from export.calibration import ImageSet, Preprocessing, load_images, parity_images
+from export.manifest import SCHEMA, write_model_card
+from export.recipe import HEAD_VARIANTS, NEW_HEAD_CLASSES, ExportRecipe
+from qbheat.checkpoint import build_backbone, load_checkpoint, sha256_file
+from qbheat.errors import QBHeatError
+from qbheat.heads import DeployableModel, build_head, head_from_spec
+
+INPUT_NAME = "image"
+CHECKPOINT_HEAD = {"probe": "classifier", "detector": "detector", "pretrain": "features"}
+PARITY_BATCHES = (1, 4)
+
+
+class ParityError(QBHeatError):
+    """An artifact is outside its tolerance; nothing was written."""
+
+
+class Steps:
+    """Step lines on stderr: ``[export] 3/11 onnx fp32 … done in 4.2 s``."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.i, self.quiet, self.t = total, 0, quiet, time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def start(self, what: str) -> None:
+        self.i += 1
+        self.what, self.t = what, time.perf_counter()
+        if not self.quiet:
+            print(f"[export] {self.i}/{self.total} {what} …", file=sys.stderr, flush=True)
+
+    def done(self, note: str = "") -> None:
+        dt = time.perf_counter() - self.t
+        self.timings[self.what] = round(dt, 2)
+        if not self.quiet:
+            print(f"[export]     done in {dt:.1f} s{(' — ' + note) if note else ''}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def load_source(recipe: ExportRecipe) -> dict[str, Any]:
+    """Backbone, head, labels, preprocessing and provenance from a checkpoint or a timm name."""
+    from qbheat.models import create_model
+
+    notes: list[str] = []
+    if recipe.checkpoint:
+        ckpt = load_checkpoint(recipe.checkpoint)
+        kind = ckpt["kind"]
+        head_task = recipe.head or CHECKPOINT_HEAD[kind]
+        backbone = build_backbone(ckpt)
+        source = {"kind": "checkpoint", "path": str(Path(recipe.checkpoint).resolve()), "sha256": sha256_file(recipe.checkpoint),
+                  "checkpoint_kind": kind}
+        name = ckpt["model"]["name"]
+        pre = Preprocessing.from_dict(ckpt["preprocessing"], recipe.image_size) if ckpt.get("preprocessing") \
+            else Preprocessing.from_timm(backbone, recipe.image_size)
+        method = ckpt.get("method")
+        labels = list(ckpt["labels"]) if ckpt.get("labels") is not None else None
+        trained = None
+        if kind in ("probe", "detector") and "head" in ckpt:
+            trained = head_from_spec(ckpt["head"])
+            if getattr(trained, "task", None) != head_task and head_task != "features":
+                raise QBHeatError(f"checkpoint {recipe.checkpoint} holds a {trained.task} head, but --head {head_task} was asked; "
+                                  f"use --head {trained.task} or features.")
+    else:
+        head_task = recipe.head or "features"
+        backbone = create_model(recipe.model, num_classes=0)
+        source = {"kind": "timm", "path": None, "sha256": None}
+        name, method, labels, trained = recipe.model, None, None, None
+        pre = Preprocessing.from_timm(backbone, recipe.image_size)
+        notes.append("backbone weights: random initialisation (timm name, no checkpoint; qbheat never downloads weights)")
+    backbone.eval()
+    if head_task == "features":
+        head = build_head("features", backbone, image_size=pre.input_size)
+        labels = None
+    elif trained is not None:
+        head = trained
+        if labels is None or len(labels) != head.num_classes:
+            n = head.num_classes
+            if labels is not None:
+                raise QBHeatError(f"checkpoint has {len(labels)} labels but its head predicts {n} classes; re-save the checkpoint.")
+            labels = [f"class_{i}" for i in range(n)]
+            notes.append("the checkpoint has no labels; class_<i> names were used")
+    else:
+        n = recipe.num_classes or NEW_HEAD_CLASSES[head_task]
+        if head_task == "classifier":
+            head = build_head(recipe.head_type, backbone, image_size=pre.input_size, num_classes=n)
+        else:
+            head = build_head("detector", backbone, image_size=pre.input_size, num_classes=n)
+        labels = [f"class_{i}" for i in range(n)]
+        notes.append(f"head: new, untrained {head.head_type} ({n} classes); export a probe/detector checkpoint to ship a trained head")
+    variant = recipe.head_variant or next(iter(HEAD_VARIANTS[head_task]))
+    if variant not in HEAD_VARIANTS[head_task]:
+        raise QBHeatError(f"a {head_task} head has the variants {', '.join(HEAD_VARIANTS[head_task])}, not {variant!r}.")
+    return {"backbone": backbone, "head": head, "task": head_task, "variant": variant, "labels": labels, "pre": pre,
+            "name": name, "method": method, "source": source, "notes": notes}
+
+
+def export_program(model: torch.nn.Module, size: int, max_batch: int, dynamic: bool = True):
+    """``torch.export`` with an example batch of 2 and a symbolic batch (asserted)."""
+    example = torch.zeros(2 if dynamic else 1, 3, size, size)
+    shapes = {"image": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if dynamic else None
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    except Exception as e:  # noqa: BLE001  (torch.export raises many types; the user needs one sentence)
+        raise QBHeatError(f"torch.export could not capture the model ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    if dynamic:
+        placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "image")
+        dim0 = placeholder.meta["val"].shape[0]
+        if not isinstance(dim0, torch.SymInt):
+            raise QBHeatError("torch.export fixed the batch dimension; the model cannot ship with a dynamic batch.")
+    return program, example
+
+
+def count_macs(model: torch.nn.Module, size: int) -> tuple[int, int]:
+    """(params, MACs) at batch 1: MACs = FLOPs / 2 from ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    params = sum(p.numel() for p in model.parameters())
+    return int(params), int(counter.get_total_flops() // 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------
+
+def _prepare_out(recipe: ExportRecipe) -> tuple[Path, Path]:
+    out = Path(recipe.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise QBHeatError(f"--out {out} is a file; pass a folder.")
+    if out.is_dir() and any(out.iterdir()) and not recipe.overwrite:
+        raise QBHeatError(f"--out {out} is not empty; pick a new folder or pass --overwrite.")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise QBHeatError(f"cannot write into {parent} ({e.strerror}); choose a writable --out folder.") from None
+    return out, tmp
+
+
+def _check_backends(recipe: ExportRecipe) -> tuple[list[str], list[dict]]:
+    wanted, not_built = [], []
+    for fmt in recipe.formats:
+        st = backends.format_status(fmt)
+        if fmt == "tensorrt" and not st.can_build:
+            not_built.append({"format": "tensorrt", "precisions": list(recipe.precisions), "reason": st.why_not_build})
+            continue
+        if not st.can_build:
+            raise QBHeatError(f"cannot export {fmt}: {st.why_not_build}.")
+        if fmt == "openvino" and "int8" in recipe.precisions and "int8" not in st.precisions:
+            raise QBHeatError("OpenVINO INT8 needs nncf, which does not import here; install qbheat[openvino] or drop int8.")
+        wanted.append(fmt)
+    if not wanted:
+        raise QBHeatError(f"none of the requested formats can be built here: {not_built[0]['reason']}.")
+    return wanted, not_built
+
+
+def run_export(recipe: ExportRecipe, quiet: bool = False) -> dict:
+    """Run the whole pipeline; return the model card (also written to ``recipe.out``)."""
+    recipe.validate()
+    if recipe.model:
+        import timm
+
+        if not timm.is_model(recipe.model):
+            from qbheat.models import create_model
+
+            create_model(recipe.model)  # raises QBHeatError with close names, before any work
+    formats, not_built = _check_backends(recipe)
+    if recipe.calibration is not None and not Path(recipe.calibration).is_dir():
+        raise QBHeatError(f"calibration folder {recipe.calibration} does not exist; pass a folder of images or leave --calibration out.")
+    out, tmp = _prepare_out(recipe)
+    try:
+        card = _run(recipe, formats, not_built, tmp, quiet)
+        write_model_card(tmp, card)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not quiet:
+        print(f"[export] wrote {out}", file=sys.stderr)
+    return card
+
+
+def _artifact_plan(formats: list[str], precisions: list[str], tensorrt_ok: bool) -> list[tuple[str, str]]:
+    plan = [(f, p) for f in ("onnx", "openvino", "coreml") if f in formats for p in ("fp32", "fp16", "int8") if p in precisions]
+    if tensorrt_ok:
+        plan += [("tensorrt", p) for p in ("fp32", "fp16", "int8") if p in precisions]
+    return plan
+
+
+def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: Path, quiet: bool) -> dict:
+    torch.manual_seed(0)
+    plan = _artifact_plan(formats, recipe.precisions, "tensorrt" in formats)
+    trt_check_needed = any(n["format"] == "tensorrt" for n in not_built)
+    steps = Steps(4 + len(plan) + int(trt_check_needed), quiet)
+
+    steps.start("load model and head")
+    src = load_source(recipe)
+    pre: Preprocessing = src["pre"]
+    size = pre.input_size
+    reference = DeployableModel(src["backbone"], src["head"], src["variant"])
+    from timm.utils.model import reparameterize_model
+
+    deploy = DeployableModel(reparameterize_model(src["backbone"]), src["head"], src["variant"])
+    params, macs = count_macs(reference, size)
+    steps.done(f"{src['name']} + {src['task']} ({src['variant']}), {params / 1e6:.2f} M params, {macs / 1e6:.1f} M MACs at {size}")
+
+    steps.start("torch.export (example batch 2, symbolic batch)")
+    program, example = export_program(deploy, size, recipe.max_batch)
+    steps.done()
+
+    steps.start("calibration + parity images, PyTorch reference outputs")
+    calib = load_images(pre, recipe.calibration, recipe.calibration_count)
+    check = parity_images(pre, max(PARITY_BATCHES))
+    with torch.no_grad():
+        ref = {b: [o.numpy() for o in reference(torch.from_numpy(check.inputs[:b]))] for b in PARITY_BATCHES}
+    steps.done(f"{len(calib.names)} calibration images from {calib.source}")
+
+    steps.start("FP16 guard")
+    guard = None
+    if "fp16" in recipe.precisions or ("coreml" in formats and "int8" in recipe.precisions):
+        from export import fp16_guard
+
+        guard = fp16_guard.check(deploy, calib.inputs)
+        steps.done(f"overflowing in FP16: {guard.overflowing or 'none'}")
+    else:
+        steps.done("skipped (no FP16 artifact requested)")
+
+    ctx = _Context(recipe, src, pre, reference, deploy, program, example, calib, check, ref, guard, tmp)
+    artifacts = []
+    for fmt, precision in plan:
+        steps.start(f"{fmt} {precision}")
+        art = BUILDERS[fmt](ctx, precision)
+        _verify(ctx, fmt, precision, art)
+        artifacts.append(art)
+        steps.done(_summary(art))
+
+    if trt_check_needed:
+        steps.start("tensorrt: ONNX parser operator check")
+        onnx_path = ctx.onnx_fp32()
+        from export import tensorrt_format
+
+        report = tensorrt_format.check_onnx(onnx_path)
+        for n in not_built:
+            if n["format"] == "tensorrt":
+                n["onnx_check"] = report
+        steps.done("parsable" if report["parsable"] else f"unsupported: {report['unsupported'] + report['restrictions']}")
+    for extra in ctx.scratch:
+        shutil.rmtree(extra, ignore_errors=True) if extra.is_dir() else extra.unlink(missing_ok=True)
+
+    return _card(ctx, artifacts, not_built, params, macs, steps.timings)
+
+
+def _summary(art: dict) -> str:
+    if art["verified"] == "parity":
+        p = art["parity"]
+        worst = min(v.get("cosine_min", 1.0) for b in p.values() for v in b["outputs"].values())
+        return f"parity {'ok' if all(b['passed'] for b in p.values()) else 'MISMATCH'} (min cosine {worst:.6f})"
+    return f"verified {art['verified']}"
+
+
+class _Context:
+    def __init__(self, recipe, src, pre, reference, deploy, program, example, calib: ImageSet, check: ImageSet, ref, guard, tmp: Path):
+        self.recipe, self.src, self.pre, self.reference, self.deploy = recipe, src, pre, reference, deploy
+        self.program, self.example, self.calib, self.check, self.ref, self.guard, self.tmp = program, example, calib, check, ref, guard, tmp
+        self.output_names = deploy.output_names
+        self.scratch: list[Path] = []
+        self._onnx_fp32: Path | None = None
+        self._ov_fp32 = None
+        self.metadata = {
+            "qbheat.model_card_schema": SCHEMA, "model": src["name"], "head": src["task"], "head_variant": src["variant"],
+            "head_type": getattr(src["head"], "head_type", ""), "labels": json.dumps(src["labels"]),
+            "preprocessing": json.dumps(pre.card()), "pretrain_method": str(src["method"]),
+            "source_sha256": str(src["source"]["sha256"]), "author": "qbheat-export",
+            "description": f"{src['name']} backbone + {src['task']} head ({src['variant']}), exported by qbheat-export",
+            "version": _qbheat_version(),
+        }
+
+    @property
+    def pinned(self) -> list[str]:
+        return list(self.guard.overflowing) if self.guard else []
+
+    def path(self, *parts: str) -> Path:
+        p = self.tmp.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def onnx_fp32(self) -> Path:
+        """The FP32 ONNX file (built once; also the source of ONNX INT8 and of TensorRT)."""
+        if self._onnx_fp32 is None:
+            from export import onnx_format
+
+            path = self.path("onnx", "model.fp32.onnx")
+            onnx_format.export_program(self.program, self.example, path, "image", self.output_names, self.metadata)
+            if "onnx" not in self.recipe.formats or "fp32" not in self.recipe.precisions:
+                self.scratch.append(path)
+            self._onnx_fp32 = path
+        return self._onnx_fp32
+
+    def ov_fp32(self):
+        if self._ov_fp32 is None:
+            from export import openvino_format
+
+            self._ov_fp32 = openvino_format.convert(self.program, "image", self.output_names, self.metadata)
+        return self._ov_fp32
+
+
+def _qbheat_version() -> str:
+    import qbheat
+
+    return qbheat.__version__
+
+
+def _artifact(ctx: _Context, fmt: str, precision: str, files: list[Path], **extra) -> dict:
+    main = files[0]
+    art = {"format": fmt, "precision": precision, "path": str(main.relative_to(ctx.tmp)), "sha256": sha256_file(main),
+           "size_bytes": _size(main), "opset": None, "verified": "not-run", "parity": None, "fp32_pinned": [], "notes": []}
+    if len(files) > 1:
+        art["files"] = [{"path": str(f.relative_to(ctx.tmp)), "sha256": sha256_file(f), "size_bytes": _size(f)} for f in files]
+        art["size_bytes"] = sum(_size(f) for f in files)
+    art.update(extra)
+    return art
+
+
+def _size(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# -- builders ------------------------------------------------------------------------------------
+
+def _build_onnx(ctx: _Context, precision: str) -> dict:
+    from export import onnx_format
+
+    notes, pinned = [], []
+    if precision == "fp32":
+        path = ctx.onnx_fp32()
+        if ctx._onnx_fp32 in ctx.scratch:
+            ctx.scratch.remove(path)
+    elif precision == "fp16":
+        from export.fp16_guard import half_with_fp32_islands
+
+        pinned = ctx.pinned
+        half = half_with_fp32_islands(ctx.deploy, pinned)
+        program, example = export_program(half, ctx.pre.input_size, ctx.recipe.max_batch)
+        path = ctx.path("onnx", "model.fp16.onnx")
+        onnx_format.export_program(program, example, path, "image", ctx.output_names, {**ctx.metadata, "precision": "fp16"})
+        notes.append("float16 compute with float32 inputs/outputs; ONNX Runtime's CPU provider runs float16 nodes "
+                     "without CPU kernels through inserted casts, so CPU parity is optimistic for FP16")
+    else:
+        from export.quantize import quantize_onnx_int8
+
+        path = ctx.path("onnx", "model.int8.onnx")
+        notes += quantize_onnx_int8(ctx.onnx_fp32(), path, ctx.calib.inputs, "image")
+        _add_onnx_metadata(path, {**ctx.metadata, "precision": "int8"})
+    if ctx.recipe.simplify and precision != "int8":
+        notes += onnx_format.simplify(path, ctx.check.inputs[:2])
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return _artifact(ctx, "onnx", precision, [path], opset=next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                     fp32_pinned=pinned, notes=notes)
+
+
+def _add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    existing = {p.key for p in model.metadata_props}
+    for k, v in metadata.items():
+        if k not in existing:
+            e = model.metadata_props.add()
+            e.key, e.value = k, str(v)
+    onnx.save(model, str(path))
+
+
+def _build_openvino(ctx: _Context, precision: str) -> dict:
+    from export import openvino_format
+
+    notes, pinned = [], []
+    xml = ctx.path("openvino", precision, "model.xml")
+    if precision == "fp32":
+        files = openvino_format.save(ctx.ov_fp32(), xml, compress_to_fp16=False)
+    elif precision == "fp16":
+        model = ctx.ov_fp32().clone()
+        model.set_rt_info("fp16", ["model_info", "precision"])
+        if ctx.pinned:
+            from export.fp16_guard import pinned_node_names
+
+            pinned = openvino_format.pin_fp32(model, pinned_node_names(ctx.program, ctx.pinned))
+        files = openvino_format.save(model, xml, compress_to_fp16=True)
+        notes.append("FP16-compressed weights; compute precision is the device's (parity uses the f32 hint)")
+    else:
+        model = openvino_format.quantize_int8(ctx.ov_fp32().clone(), ctx.calib.inputs, ctx.src["task"] == "detector")
+        model.set_rt_info("int8", ["model_info", "precision"])
+        files = openvino_format.save(model, xml, compress_to_fp16=False)
+        notes.append(f"NNCF post-training INT8 on {len(ctx.calib.names)} calibration images")
+    return _artifact(ctx, "openvino", precision, files, fp32_pinned=pinned, notes=notes)
+
+
+def _build_coreml(ctx: _Context, precision: str) -> dict:
+    from export import coreml_format
+
+    if not hasattr(ctx, "_coreml_program"):
+        variant = "probabilities" if ctx.src["task"] == "classifier" else ctx.src["variant"]
+        model = coreml_format.ChannelRescale(DeployableModel(ctx.deploy.backbone, ctx.deploy.head, variant), ctx.pre.std)
+        ctx._coreml_program, _ = export_program(model, ctx.pre.input_size, 1, dynamic=False)
+        ctx._coreml_outputs = model.output_names
+    labels = ctx.src["labels"] if ctx.src["task"] == "classifier" else None
+    fp32_ops: list[str] = []
+    cached_fp16 = getattr(ctx, "_coreml_fp16", None)
+    if precision == "int8" and cached_fp16 is not None:  # same program, weights quantised: no second conversion
+        mlmodel = coreml_format.quantize_weights_int8(cached_fp16[0])
+        coreml_format.set_metadata(mlmodel, {**ctx.metadata, "precision": precision})
+        fp32_ops = list(cached_fp16[1])
+    else:
+        mlmodel = coreml_format.convert(ctx._coreml_program, ctx.pre, "image", ctx._coreml_outputs, precision, labels,
+                                        {**ctx.metadata, "precision": precision}, [f"model.{p}" for p in ctx.pinned], fp32_ops)
+        if precision == "fp16" and "int8" in ctx.recipe.precisions:
+            ctx._coreml_fp16 = (mlmodel, list(fp32_ops))
+    path = coreml_format.save(mlmodel, ctx.path("coreml", f"model.{precision}.mlpackage"))
+    notes = [f"ML Program, minimum deployment target {coreml_format.MINIMUM_DEPLOYMENT_TARGET}; input: RGB image, "
+             f"normalisation in ImageType scale/bias + per-channel factor"]
+    if labels is not None:
+        notes.append("classifier: softmax probabilities with ClassifierConfig labels (outputs classLabel + probabilities)")
+    if precision == "int8":
+        notes.append("int8 = 8-bit linear weight quantisation; activations run in FP16")
+    return _artifact(ctx, "coreml", precision, [path], fp32_pinned=sorted(set(fp32_ops)), notes=notes)
+
+
+def _build_tensorrt(ctx: _Context, precision: str) -> dict:
+    from export import tensorrt_format
+    from export.fp16_guard import pinned_node_names
+
+    engine = ctx.path("tensorrt", f"model.{precision}.engine")
+    facts = tensorrt_format.build_engine(
+        ctx.onnx_fp32(), engine, precision, input_shape=(3, ctx.pre.input_size, ctx.pre.input_size),
+        batch=(1, 4, ctx.recipe.max_batch), calibration=ctx.calib.inputs if precision == "int8" else None,
+        timing_cache=ctx.path("tensorrt", "timing.cache"), fp32_layers=pinned_node_names(ctx.program, ctx.pinned),
+        metadata=ctx.metadata)
+    sidecar = Path(str(engine) + ".json")
+    return _artifact(ctx, "tensorrt", precision, [engine, sidecar], fp32_pinned=facts["fp32_layers"],
+                     notes=[f"TensorRT {facts['tensorrt']}, profile batch {facts['profile']}; metadata in the sidecar JSON"])
+
+
+BUILDERS = {"onnx": _build_onnx, "openvino": _build_openvino, "coreml": _build_coreml, "tensorrt": _build_tensorrt}
+
+
+# -- verification --------------------------------------------------------------------------------
+
+def _runner(ctx: _Context, fmt: str, art: dict):
+    path = ctx.tmp / art["path"]
+    if fmt == "onnx":
+        from export import onnx_format
+
+        return onnx_format.runner(path)
+    if fmt == "openvino":
+        from export import openvino_format
+
+        return openvino_format.runner(path)
+    from export import tensorrt_format
+
+    return tensorrt_format.runner(path)
+
+
+def _verify(ctx: _Context, fmt: str, precision: str, art: dict) -> None:
+    status = backends.format_status(fmt)
+    if fmt == "coreml" and not status.can_run:
+        from export import coreml_format
+
+        expect = ["classLabel"] if ctx.src["task"] == "classifier" else list(ctx._coreml_outputs)
+        spec = coreml_format.verify_spec(ctx.tmp / art["path"], "image", ctx.pre.input_size, expect)
+        art["verified"], art["spec"] = "spec-only", spec
+        art["notes"].append("Core ML prediction needs macOS: only the saved spec was verified here")
+        if not spec["passed"]:
+            _fail(ctx, art, f"coreml {precision}: spec check failed: {'; '.join(spec['problems'])}")
+        return
+    results = {}
+    if fmt == "coreml":  # macOS: predict on the uint8 images, compare probabilities / outputs
+        from export import coreml_format
+
+        labels = ctx.src["labels"] if ctx.src["task"] == "classifier" else None
+        run = coreml_format.runner(ctx.tmp / art["path"], labels, ctx._coreml_outputs, "image")
+        variant = "probabilities" if labels is not None else ctx.src["variant"]
+        names = ("probabilities",) if labels is not None else ctx.output_names
+        ref_model = DeployableModel(ctx.reference.backbone, ctx.reference.head, variant)
+        for b in PARITY_BATCHES:
+            with torch.no_grad():
+                ref = [o.numpy() for o in ref_model(torch.from_numpy(ctx.check.inputs[:b]))]
+            results[f"batch{b}"] = parity.compare(ctx.src["task"], variant, names, ref, run(ctx.check.images_u8[:b]), fmt, precision,
+                                                  nms=_nms_fn(ctx))
+    else:
+        run = _runner(ctx, fmt, art)
+        for b in PARITY_BATCHES:
+            try:
+                out = run(ctx.check.inputs[:b])
+            except Exception as e:  # noqa: BLE001  (a runtime that cannot run its own artifact is a failed check)
+                _fail(ctx, art, f"{fmt} {precision} does not run at batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                return
+            results[f"batch{b}"] = parity.compare(ctx.src["task"], ctx.src["variant"], ctx.output_names, ctx.ref[b], out,
+                                                  fmt, precision, nms=_nms_fn(ctx))
+    art["verified"], art["parity"] = "parity", results
+    failures = [f"batch {k[5:]}: {f}" for k, r in results.items() for f in r["failures"]]
+    if failures:
+        _fail(ctx, art, f"{fmt} {precision} is outside its tolerance — " + "; ".join(failures[:4]))
+
+
+def _nms_fn(ctx: _Context):
+    if ctx.src["task"] != "detector":
+        return None
+    head, size = ctx.deploy.head, ctx.pre.input_size
+
+    def nms(boxes, scores):
+        with torch.no_grad():
+            out = head.nms(torch.as_tensor(np.asarray(boxes, np.float32)), torch.as_tensor(np.asarray(scores, np.float32)), size, size)
+        return tuple(o.numpy() for o in out)
+
+    return nms
+
+
+def _fail(ctx: _Context, art: dict, message: str) -> None:
+    art["notes"].append("MISMATCH: " + message)
+    art["mismatch"] = True
+    if not ctx.recipe.allow_mismatch:
+        raise ParityError(f"{message}; nothing was written (pass --allow-mismatch to keep it, recorded in the card).")
+
+
+# -- model card ----------------------------------------------------------------------------------
+
+def _card(ctx: _Context, artifacts: list[dict], not_built: list[dict], params: int, macs: int, timings: dict) -> dict:
+    src = ctx.src
+    names = ctx.output_names
+    outputs = [{"name": n, "shape": ["batch", *list(r.shape[1:])], "dtype": str(r.dtype)} for n, r in zip(names, ctx.ref[4])]
+    card = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": src["name"], "source": src["source"], "pretrain_method": src["method"], "params": params,
+                  "macs": macs, "flops": 2 * macs, "flops_counter": "torch.utils.flop_counter.FlopCounterMode, batch 1"},
+        "head": {"type": src["task"], "variant": src["variant"], "head_type": src["head"].head_type,
+                 "kwargs": dict(src["head"].kwargs), "labels": src["labels"]},
+        "preprocessing": ctx.pre.card(),
+        "io": {"inputs": [{"name": "image", "shape": ["batch", 3, ctx.pre.input_size, ctx.pre.input_size], "dtype": "float32"}],
+               "outputs": outputs},
+        "artifacts": artifacts,
+        "tools": backends.tool_versions(ctx.recipe.formats),
+        "fp16_guard": ctx.guard.card() if ctx.guard else None,
+        "calibration": ctx.calib.card(),
+        "parity_images": {**ctx.check.card(), "batches": list(PARITY_BATCHES)},
+        "parity_tolerances": parity.tolerance_table(),
+        "not_built": not_built,
+        "allow_mismatch": ctx.recipe.allow_mismatch,
+        "notes": src["notes"],
+        "timings_s": timings,
+        "recipe": {k: v for k, v in asdict(ctx.recipe).items() if k not in ("out",)},
+    }
+    return card

@@ -1,0 +1,105 @@
+"""The export recipe: every ``qbheat-export export`` flag as one typed dataclass, also readable from YAML.
+
+Order of precedence: dataclass defaults, then ``--recipe FILE.yaml``, then the flags given on the
+command line. Validation happens once (``ExportRecipe.validate``), with a sentence that says what
+to change. Example recipe::
+
+    model: mobileformer_294m          # or checkpoint: runs/probe/last.pt
+    head: classifier                  # classifier | detector | features
+    head_variant: logits              # classifier: logits | probabilities; detector: decode | nms
+    formats: [onnx, openvino, coreml]
+    precisions: [fp32, fp16, int8]
+    calibration: data/calib           # folder of images; default: scikit-image's bundled photos
+    image_size: 224
+    out: artifacts/mf294
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from qbheat.errors import QBHeatError
+
+FORMATS = ("onnx", "openvino", "coreml", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+HEADS = ("classifier", "detector", "features")
+HEAD_VARIANTS = {"classifier": ("logits", "probabilities"), "detector": ("decode", "nms"), "features": ("embedding",)}
+NEW_HEAD_CLASSES = {"classifier": 1000, "detector": 80}  # ImageNet-1k and COCO class counts, for untrained heads
+
+
+@dataclass
+class ExportRecipe:
+    checkpoint: str | None = None  # a qbheat checkpoint (pretrain | probe | detector)
+    model: str | None = None  # or a timm model name (random init: qbheat never downloads weights)
+    head: str | None = None  # default: the checkpoint's own head (probe → classifier, detector → detector), else features
+    head_variant: str | None = None  # default: logits / decode / embedding
+    head_type: str = "linear"  # for a new (untrained) classifier head: linear | transformer_probe
+    num_classes: int | None = None  # for a new head; default 1000 (classifier) / 80 (detector)
+    formats: list[str] = field(default_factory=lambda: ["onnx", "openvino", "coreml"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
+    calibration: str | None = None  # folder of images; None = scikit-image's bundled photographs
+    calibration_count: int = 16  # images used for INT8 calibration and the FP16 guard
+    image_size: int | None = None  # default: the checkpoint's / model's input size
+    out: str | None = None
+    allow_mismatch: bool = False  # keep artifacts outside tolerance, recorded in the card
+    simplify: bool = False  # run onnxslim on the ONNX files (kept only if outputs are unchanged)
+    overwrite: bool = False  # replace a non-empty --out folder
+    max_batch: int = 64  # upper bound of the dynamic batch (TensorRT profile max, torch.export Dim max)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExportRecipe":
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise QBHeatError(f"recipe {path} does not exist.") from None
+        except yaml.YAMLError as e:
+            raise QBHeatError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+        if not isinstance(data, dict):
+            raise QBHeatError(f"recipe {path} must be a mapping of field: value.")
+        return cls().merged(data, origin=f"recipe {path}")
+
+    def merged(self, values: dict, origin: str = "flags") -> "ExportRecipe":
+        known = {f.name for f in fields(self)}
+        aliases = {"precision": "precisions", "format": "formats"}
+        out = asdict(self)
+        for k, v in values.items():
+            k = aliases.get(k.replace("-", "_"), k.replace("-", "_"))
+            if k not in known:
+                raise QBHeatError(f"{origin} has an unknown field {k!r}; known fields: {sorted(known)}.")
+            if v is not None:
+                out[k] = _split(v) if k in ("formats", "precisions") else v
+        return ExportRecipe(**out)
+
+    def validate(self) -> "ExportRecipe":
+        if bool(self.checkpoint) == bool(self.model):
+            raise QBHeatError("give exactly one of --checkpoint FILE or --model NAME.")
+        if not self.out:
+            raise QBHeatError("no output folder: pass --out DIR (or 'out:' in the recipe).")
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise QBHeatError(f"unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}.")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions:
+            raise QBHeatError(f"unknown precision {bad[0] if bad else '(none)'!r}; choose from {', '.join(PRECISIONS)}.")
+        if self.head is not None and self.head not in HEADS:
+            raise QBHeatError(f"unknown head {self.head!r}; choose classifier, detector or features.")
+        if self.head and self.head_variant and self.head_variant not in HEAD_VARIANTS[self.head]:
+            raise QBHeatError(f"a {self.head} head has the variants {', '.join(HEAD_VARIANTS[self.head])}, not {self.head_variant!r}.")
+        if self.image_size is not None and (self.image_size < 32 or self.image_size % 32):
+            raise QBHeatError(f"--image-size {self.image_size} must be a multiple of 32 (the backbones' largest stride), at least 32.")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise QBHeatError("--num-classes must be at least 1.")
+        if self.calibration_count < 1:
+            raise QBHeatError("--calibration-count must be at least 1.")
+        if self.max_batch < 4:
+            raise QBHeatError("--max-batch must be at least 4 (parity runs a batch of 4).")
+        return self
+
+
+def _split(v) -> list[str]:
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return [str(s) for s in v]

@@ -1,0 +1,161 @@
+"""End-to-end exports: every format that runs here × FP32/FP16/INT8, both heads, fail-closed parity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export import backends
+from export.cli import main
+from export.manifest import read_model_card
+from qbheat.checkpoint import sha256_file
+
+SIZE = "64"
+
+
+def _export(*argv: str) -> int:
+    return main(["export", "--quiet", "--calibration-count", "8", *argv])
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def classifier_export(probe_ckpt, tmp_path_factory):
+    ckpt, labels = probe_ckpt
+    out = tmp_path_factory.mktemp("cls") / "out"
+    rc = _export("--checkpoint", str(ckpt), "--formats", "onnx,openvino,coreml,tensorrt", "--precision", "fp32,fp16,int8",
+                 "--out", str(out), "--simplify")
+    return rc, out, labels
+
+
+def test_probe_checkpoint_exports_to_every_format_and_precision_with_parity(classifier_export):
+    rc, out, labels = classifier_export
+    assert rc == 0
+    card = read_model_card(out)
+    got = {(a["format"], a["precision"]): a for a in card["artifacts"]}
+    assert set(got) == {(f, p) for f in ("onnx", "openvino", "coreml") for p in ("fp32", "fp16", "int8")}
+    for (fmt, precision), a in got.items():
+        assert a["sha256"] == sha256_file(out / a["path"]) and a["size_bytes"] > 0
+        if fmt == "coreml":
+            assert a["verified"] == "spec-only" and a["spec"]["passed"] and a["spec"]["op_count"] > 10
+            continue
+        assert a["verified"] == "parity" and not a.get("mismatch")
+        for batch in ("batch1", "batch4"):
+            res = a["parity"][batch]
+            assert res["passed"] and res["outputs"]["logits"]["top1_agreement"] >= res["tolerance"]["top1"]
+        if precision == "fp32":
+            assert a["parity"]["batch4"]["outputs"]["logits"]["rel_max"] < 1e-3
+    # the trained head and its labels shipped: card, ONNX metadata_props, OpenVINO rt_info, Core ML metadata
+    assert card["head"]["labels"] == labels and card["head"]["type"] == "classifier" and card["head"]["head_type"] == "linear"
+    assert card["model"]["source"]["checkpoint_kind"] == "probe" and card["model"]["pretrain_method"] == "qbheat"
+    assert card["model"]["macs"] > 0 and card["model"]["flops"] == 2 * card["model"]["macs"]
+    meta = {p.key: p.value for p in onnx.load(str(out / got["onnx", "fp32"]["path"])).metadata_props}
+    assert json.loads(meta["labels"]) == labels and json.loads(meta["preprocessing"])["input_size"] == [3, 64, 64]
+    from export.openvino_format import read_metadata
+
+    assert json.loads(read_metadata(out / got["openvino", "fp16"]["path"])["labels"]) == labels
+    spec = got["coreml", "fp16"]["spec"]
+    assert "classLabel" in spec["outputs"] and json.loads(spec["metadata"]["labels"]) == labels
+    assert card["io"]["outputs"] == [{"name": "logits", "shape": ["batch", 5], "dtype": "float32"}]
+    assert {"torch", "onnx", "onnxruntime", "openvino", "nncf", "coremltools"} <= set(card["tools"])
+    assert card["fp16_guard"]["checked_on"] == 8
+
+
+def test_onnx_batch_is_symbolic_and_runs_at_other_batches(classifier_export):
+    _, out, _ = classifier_export
+    from export.onnx_format import io_spec, runner
+
+    path = out / "onnx" / "model.fp32.onnx"
+    assert io_spec(path)["inputs"][0]["shape"] == ["batch", 3, 64, 64]
+    assert runner(path)(np.zeros((3, 3, 64, 64), np.float32))[0].shape == (3, 5)
+
+
+def test_tensorrt_is_reported_not_built_with_an_onnx_check(classifier_export):
+    _, out, _ = classifier_export
+    card = read_model_card(out)
+    if backends.format_status("tensorrt").can_build:
+        pytest.skip("TensorRT can build here; the engine path is tested in test_tensorrt.py")
+    (entry,) = card["not_built"]
+    assert entry["format"] == "tensorrt" and "tensorrt" in entry["reason"].lower() or "GPU" in entry["reason"]
+    check = entry["onnx_check"]
+    assert check["parsable"] and "Conv" in check["ops"] and check["unsupported"] == []
+    assert not any(a["format"] == "tensorrt" for a in card["artifacts"])
+
+
+@pytest.mark.parametrize("variant,formats,precisions", [("decode", "onnx", "fp32,int8"),
+                                                        ("nms", "openvino,coreml", "fp16")])
+def test_detector_checkpoint_exports_both_variants_with_box_agreement(detector_ckpt, tmp_path, variant, formats, precisions):
+    ckpt, labels = detector_ckpt
+    out = tmp_path / "det"
+    assert _export("--checkpoint", str(ckpt), "--head-variant", variant, "--formats", formats, "--precision", precisions,
+                   "--out", str(out)) == 0
+    card = read_model_card(out)
+    assert card["head"]["type"] == "detector" and card["head"]["variant"] == variant and card["head"]["labels"] == labels
+    names = [o["name"] for o in card["io"]["outputs"]]
+    assert names == (["boxes", "scores"] if variant == "decode" else ["boxes", "scores", "labels", "num_detections"])
+    for a in card["artifacts"]:
+        if a["verified"] == "spec-only":
+            assert set(names) <= set(a["spec"]["outputs"])
+            continue
+        det = a["parity"]["batch4"]["detections"]
+        assert det["detections_reference"] > 0, "the fixture head should produce detections"
+        assert det["box_match"] >= a["parity"]["batch4"]["tolerance"]["box_match"]
+        if a["precision"] in ("fp32", "fp16"):
+            assert det["box_match"] >= 0.9
+
+
+def test_plain_timm_model_exports_the_same_way(tmp_path):
+    out = tmp_path / "mnv3"
+    assert _export("--model", "mobilenetv3_small_100", "--head", "classifier", "--num-classes", "7",
+                   "--formats", "onnx,openvino", "--precision", "fp32", "--out", str(out), "--image-size", SIZE) == 0
+    card = read_model_card(out)
+    assert card["model"]["source"]["kind"] == "timm" and len(card["head"]["labels"]) == 7
+    assert any("untrained" in n for n in card["notes"])
+    assert all(a["verified"] == "parity" and not a.get("mismatch") for a in card["artifacts"])
+
+
+def test_int8_outside_tolerance_fails_closed_then_allow_mismatch_records_it(tmp_path, capsys):
+    # A random-init MobileNetV3 (BatchNorm statistics never measured) quantises badly: a real mismatch.
+    args = ["--model", "mobilenetv3_small_100", "--head", "features", "--formats", "onnx", "--precision", "int8",
+            "--image-size", "32"]
+    out = tmp_path / "q"
+    assert _export(*args, "--out", str(out)) == 3
+    assert "outside its tolerance" in capsys.readouterr().err
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert _export(*args, "--out", str(out), "--allow-mismatch") == 0
+    card = read_model_card(out)
+    (a,) = card["artifacts"]
+    assert a["mismatch"] and card["allow_mismatch"] and any(n.startswith("MISMATCH") for n in a["notes"])
+
+
+def test_corrupted_artifact_is_rejected_and_nothing_is_left(probe_ckpt, tmp_path, monkeypatch, capsys):
+    import onnx as onnx_lib
+    from onnx import numpy_helper
+
+    from export import onnx_format
+
+    real = onnx_format.export_program
+
+    def corrupting(program, example, path, *a, **kw):
+        facts = real(program, example, path, *a, **kw)
+        model = onnx_lib.load(str(path))
+        stem = next(n for n in model.graph.node if n.op_type == "Conv")  # the first convolution's weight
+        init = next(t for t in model.graph.initializer if t.name == stem.input[1])
+        arr = numpy_helper.to_array(init).copy()
+        arr.flat[: arr.size // 2] *= -3.0
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx_lib.save(model, str(path))
+        return facts
+
+    monkeypatch.setattr(onnx_format, "export_program", corrupting)
+    ckpt, _ = probe_ckpt
+    out = tmp_path / "bad"
+    assert _export("--checkpoint", str(ckpt), "--formats", "onnx", "--precision", "fp32", "--out", str(out)) == 3
+    err = capsys.readouterr().err
+    assert "onnx fp32 is outside its tolerance" in err and "nothing was written" in err
+    assert not out.exists() and _leftovers(tmp_path) == []

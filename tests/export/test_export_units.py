@@ -1,0 +1,265 @@
+"""Fast checks: CLI errors, recipe, parity metrics, FP16 guard, TensorRT operator check, doctor."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from export import backends, parity
+from export.cli import main
+from export.recipe import ExportRecipe
+from qbheat.checkpoint import save_checkpoint
+from qbheat.errors import QBHeatError
+
+
+def _err(capsys) -> str:
+    """The error line (step lines on stderr come before it)."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# -- CLI errors: one sentence, exit 2, nothing left ---------------------------------------------
+
+def test_unknown_model_is_one_sentence_exit_2(tmp_path, capsys):
+    assert main(["export", "--model", "mobilenetv9_huge", "--out", str(tmp_path / "o"), "--formats", "onnx"]) == 2
+    err = _err(capsys)
+    assert err.startswith("qbheat-export: error: unknown model 'mobilenetv9_huge'") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_that_does_not_match_its_model(tmp_path, capsys):
+    from qbheat.models import create_model
+
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(ckpt, {"kind": "pretrain", "model": {"name": "resnet10t", "kwargs": {}},
+                           "backbone": create_model("mobilenetv3_small_100", num_classes=0).state_dict()})
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--formats", "onnx"]) == 2
+    assert "do not fit model 'resnet10t'" in _err(capsys)
+    assert not (tmp_path / "o").exists() and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_corrupt_checkpoint_file(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "corrupt or not a torch file" in _err(capsys)
+
+
+def test_missing_backend_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    real = backends.format_status
+
+    def no_openvino(fmt):
+        st = real(fmt)
+        if fmt == "openvino":
+            st.can_build, st.why_not_build = False, "openvino does not import here (ModuleNotFoundError); install qbheat[openvino]"
+        return st
+
+    monkeypatch.setattr(backends, "format_status", no_openvino)
+    assert main(["export", "--model", "resnet10t", "--formats", "onnx,openvino", "--out", str(tmp_path / "o")]) == 2
+    assert "cannot export openvino: openvino does not import here" in _err(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "--model", "resnet10t", "--formats", "onnx", "--out", str(blocker / "sub" / "o")]) == 2
+    assert "choose a writable --out folder" in _err(capsys)
+
+
+def test_non_empty_output_needs_overwrite(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    assert main(["export", "--model", "resnet10t", "--formats", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert "--overwrite" in _err(capsys)
+    assert (tmp_path / "o" / "keep.txt").read_text() == "x"
+
+
+def test_calibration_folder_without_images(tmp_path, capsys):
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "notes.txt").write_text("no images")
+    from export.calibration import Preprocessing, load_images
+
+    with pytest.raises(QBHeatError, match="holds no images"):
+        load_images(Preprocessing(input_size=32), tmp_path / "calib")
+    assert main(["export", "--model", "resnet10t", "--formats", "onnx", "--calibration", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "calibration folder" in _err(capsys)
+
+
+def test_calibration_folder_images_are_preprocessed(tmp_path):
+    from PIL import Image
+
+    from export.calibration import Preprocessing, load_images
+
+    for i, (w, h) in enumerate([(80, 50), (40, 90)]):
+        Image.fromarray(np.full((h, w, 3), 255 if i else 0, np.uint8)).save(tmp_path / f"{i}.png")
+    pre = Preprocessing(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    imgs = load_images(pre, tmp_path, count=8)
+    assert imgs.inputs.shape == (2, 3, 32, 32) and imgs.images_u8.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(imgs.inputs[0], -2.0)  # (0 - 0.5) / 0.25
+    np.testing.assert_allclose(imgs.inputs[1], 2.0)
+
+
+def test_tensorrt_only_is_refused_when_it_cannot_build(tmp_path, capsys):
+    if backends.format_status("tensorrt").can_build:
+        pytest.skip("TensorRT can build here")
+    assert main(["export", "--model", "resnet10t", "--formats", "tensorrt", "--out", str(tmp_path / "o")]) == 2
+    assert "none of the requested formats can be built here" in _err(capsys)
+
+
+def test_bad_flags(tmp_path, capsys):
+    assert main(["export", "--model", "resnet10t", "--formats", "tflite", "--out", str(tmp_path)]) == 2
+    assert "unknown format 'tflite'" in _err(capsys)
+    assert main(["export", "--model", "resnet10t", "--checkpoint", "x.pt", "--out", str(tmp_path)]) == 2
+    assert "exactly one of" in _err(capsys)
+    assert main(["export", "--model", "resnet10t", "--image-size", "50", "--out", str(tmp_path)]) == 2
+    assert "multiple of 32" in _err(capsys)
+    assert main(["export", "--model", "resnet10t", "--head", "detector", "--head-variant", "logits", "--out", str(tmp_path)]) == 2
+    assert "variants decode, nms" in _err(capsys)
+
+
+# -- recipe --------------------------------------------------------------------------------------
+
+def test_recipe_yaml_and_flags_override(tmp_path):
+    from export.commands.export import recipe_from_args
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: resnet10t\nhead: detector\nhead_variant: nms\nformats: [onnx, coreml]\nprecision: fp16\n"
+                    "image_size: 128\nout: /tmp/x\n")
+    r = ExportRecipe.from_yaml(path).validate()
+    assert (r.model, r.head, r.head_variant, r.formats, r.precisions, r.image_size) == \
+        ("resnet10t", "detector", "nms", ["onnx", "coreml"], ["fp16"], 128)
+    import argparse
+
+    from export.commands import export as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    args = parser.parse_args(["--recipe", str(path), "--formats", "openvino", "--image-size", "64"])
+    r2 = recipe_from_args(args)
+    assert r2.formats == ["openvino"] and r2.image_size == 64 and r2.head_variant == "nms"
+    path.write_text("model: resnet10t\nout: x\nfrobnicate: 1\n")
+    with pytest.raises(QBHeatError, match="unknown field 'frobnicate'"):
+        ExportRecipe.from_yaml(path)
+
+
+# -- parity metrics ------------------------------------------------------------------------------
+
+def test_parity_metrics_and_gates():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(4, 10)).astype(np.float32)
+    ok = parity.compare("classifier", "logits", ("logits",), [ref], [ref + 1e-7], "onnx", "fp32")
+    assert ok["passed"] and ok["outputs"]["logits"]["top1_agreement"] == 1.0
+    bad = ref.copy()
+    bad[0] = -bad[0]
+    res = parity.compare("classifier", "logits", ("logits",), [ref], [bad], "onnx", "fp32")
+    assert not res["passed"] and any("cosine" in f for f in res["failures"]) and res["outputs"]["logits"]["cosine_min"] < 0
+    nan = ref.copy()
+    nan[1, 2] = np.nan
+    assert "logits: non-finite values" in parity.compare("classifier", "logits", ("logits",), [ref], [nan], "onnx", "fp16")["failures"]
+    assert parity.tolerance("coreml", "int8") != parity.tolerance("onnx", "int8")
+
+
+def test_box_agreement_matches_one_to_one_with_labels():
+    boxes = np.array([[[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 0, 0]]], np.float32)
+    scores = np.array([[0.9, 0.8, 0.0]], np.float32)
+    labels = np.array([[1, 2, -1]])
+    ref = (boxes, scores, labels, np.array([2]))
+    assert parity.box_agreement(ref, ref)["box_match"] == 1.0
+    shifted = (boxes + np.array([6, 0, 6, 0], np.float32) * (scores[..., None] > 0), scores, labels, np.array([2]))
+    assert parity.box_agreement(ref, shifted)["box_match"] == 0.0  # IoU 4/16 < 0.5
+    relabelled = (boxes, scores, np.array([[1, 3, -1]]), np.array([2]))
+    assert parity.box_agreement(ref, relabelled)["box_match"] == 0.5
+
+
+# -- FP16 guard ----------------------------------------------------------------------------------
+
+class _Energy(nn.Module):
+    """Like attention logits: a large intermediate (≈1e6, past float16's 65504) behind a modest output."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, h):
+        big = self.proj(h) * 300.0
+        return (big * big).mean(dim=1, keepdim=True) * 1e-6 + h
+
+
+class _Overflowing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.energy = _Energy()
+        self.out = nn.Linear(4, 2)
+        self.output_names = ("logits",)
+
+    def forward(self, image):
+        h = self.conv(image).mean((2, 3)) * 10.0
+        return (self.out(self.energy(h)),)
+
+
+def test_fp16_guard_finds_the_overflow_and_pinning_fixes_it():
+    from export.fp16_guard import check, half_with_fp32_islands, pinned_node_names
+
+    torch.manual_seed(0)
+    model = _Overflowing().eval()
+    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32) * 3
+    report = check(model, x)
+    assert report.overflowing == ["energy"] and report.checked_on == 4
+    ref = model(torch.from_numpy(x))[0]
+    naive = half_with_fp32_islands(model, [])(torch.from_numpy(x))[0]
+    assert not torch.isfinite(naive).all()
+    pinned = half_with_fp32_islands(model, report.overflowing)(torch.from_numpy(x))[0]
+    assert pinned.dtype == torch.float32 and torch.isfinite(pinned).all()
+    torch.testing.assert_close(pinned, ref, rtol=2e-2, atol=2e-2)
+    program = torch.export.export(model, (torch.from_numpy(x[:2]),))
+    names = pinned_node_names(program, report.overflowing)
+    assert any("linear" in n for n in names) and any(n.startswith("mul") for n in names)
+
+
+def test_fp16_guard_is_quiet_on_a_normal_network():
+    from export.fp16_guard import check
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1)).eval()
+    assert check(net, np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)).overflowing == []
+
+
+# -- TensorRT ------------------------------------------------------------------------------------
+
+def test_tensorrt_operator_check_flags_unsupported_ops(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.tensorrt_format import check_onnx
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Hardmax", ["r"], ["h"]),
+                               helper.make_node("MyOp", ["h"], ["y"], domain="custom")], "g", [x], [y])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)]), str(path))
+    rep = check_onnx(path)
+    assert rep["unsupported"] == ["Hardmax", "custom::MyOp"] and not rep["parsable"] and "Relu" in rep["ops"]
+
+
+def test_tensorrt_engine_build(tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable from this project's registries")
+    if not backends.has_cuda_gpu():
+        pytest.skip("TensorRT builds engines only on an NVIDIA GPU")
+    from export.cli import main as cli
+
+    out = tmp_path / "trt"
+    assert cli(["export", "--model", "resnet10t", "--head", "classifier", "--formats", "tensorrt", "--precision", "fp32,fp16",
+                "--image-size", "64", "--out", str(out), "--quiet"]) == 0
+
+
+def test_doctor_reports_every_format(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for fmt in ("onnx", "openvino", "coreml", "tensorrt"):
+        assert f"  {fmt}" in out
+    info = backends.probe()
+    assert info["formats"]["onnx"]["can_run"] and info["packages"]["torch"].startswith("2.13")

@@ -7,6 +7,12 @@ Two passes over the calibration images:
 2. FP16 (the whole model ``.half()``): a module whose inputs are finite but whose output is not
    is where an overflow (attention logits, LayerNorm variance, DyReLU's hyper-MLP, ...) is born.
 
+3. Precision: every leaf module (no children) is run alone in float16 on the FP32 pass's inputs of the
+   first batch and compared with its FP32 output. A module whose relative error exceeds
+   ``precision_tol`` (1e-2, ours; a float16 op on well-scaled data is ~1e-3) loses its signal to
+   rounding even without overflowing: e.g. a linear probe whose feature standardisation was folded
+   into large weights and a bias that cancel (|w| ~ 1e3) gives logits with 20 % error in float16.
+
 The union, reduced to the deepest modules (a parent is dropped when a child explains it), is
 ``overflowing``. Formats then keep those modules in FP32: ONNX by building the FP16 graph from
 ``half_with_fp32_islands`` (the pinned modules run in float32 inside an otherwise float16 graph);
@@ -59,7 +65,8 @@ def _all_finite(ts: list[torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def check(model: nn.Module, inputs: np.ndarray, margin: float = 0.5, batch: int = 4, fp16_images: int = 4) -> GuardReport:
+def check(model: nn.Module, inputs: np.ndarray, margin: float = 0.5, batch: int = 4, fp16_images: int = 4,
+          precision_tol: float = 1e-2) -> GuardReport:
     """Run ``model`` in FP32 on ``inputs`` (N×3×H×W) and in FP16 on the first ``fp16_images`` of them.
 
     The FP16 pass is limited (ours) because CPU float16 kernels are ~10× slower than float32; the
@@ -70,10 +77,17 @@ def check(model: nn.Module, inputs: np.ndarray, margin: float = 0.5, batch: int 
     peak: dict[str, float] = {}
     born: dict[str, str] = {}
 
+    names32 = dict(names)
+    leaves = {m for m in names if not any(True for _ in m.children())}
+    first_io: dict[nn.Module, tuple] = {}
+
     def fp32_hook(mod, args, out):
         n = names.get(mod)
         if n is not None:
             peak[n] = max(peak.get(n, 0.0), _float_max(_tensors(out)))
+            if mod in leaves and mod not in first_io and isinstance(out, torch.Tensor) and out.is_floating_point():
+                first_io[mod] = (tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                                 out.detach().clone())
 
     def fp16_hook(mod, args, out):
         n = names.get(mod)
@@ -101,6 +115,20 @@ def check(model: nn.Module, inputs: np.ndarray, margin: float = 0.5, batch: int 
         for h in handles:
             h.remove()
     flagged = {n: {"reason": r} for n, r in born.items()}
+    for mod, (args, out32) in first_io.items():
+        if not any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args) or not out32.abs().max() > 0:
+            continue
+        try:
+            out16 = copy.deepcopy(mod).half()(*(a.half() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                                for a in args))
+        except (RuntimeError, TypeError):  # an op without a CPU float16 kernel: nothing to learn here
+            continue
+        if not isinstance(out16, torch.Tensor):
+            continue
+        rel = float((out16.float() - out32).norm() / out32.norm())
+        if not rel <= precision_tol:  # also catches NaN
+            flagged.setdefault(names32[mod], {"reason": f"float16 rounding error {rel:.2g} > {precision_tol} relative"})
+            flagged[names32[mod]]["fp16_rel_err"] = rel
     for n, v in peak.items():
         if v >= margin * FP16_MAX:
             flagged.setdefault(n, {"reason": f"FP32 output reaches {v:.3g} ≥ {margin} × float16 max"})

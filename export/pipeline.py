@@ -270,7 +270,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         from export import fp16_guard
 
         guard = fp16_guard.check(deploy, calib.inputs)
-        steps.done(f"overflowing in FP16: {guard.overflowing or 'none'}")
+        steps.done(f"kept in FP32 (overflow or float16 rounding): {guard.overflowing or 'none'}")
     else:
         steps.done("skipped (no FP16 artifact requested)")
 
@@ -279,9 +279,18 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     for fmt, precision in plan:
         steps.start(f"{fmt} {precision}")
         art = BUILDERS[fmt](ctx, precision)
-        _verify(ctx, fmt, precision, art)
+        try:
+            _verify(ctx, fmt, precision, art)
+        except _Dropped as e:  # --drop-mismatch: this artifact is not shipped, the others are
+            for f in art.get("files") or [{"path": art["path"]}]:
+                ctx.scratch.append(tmp / f["path"])
+            not_built.append({"format": fmt, "precision": precision, "reason": f"parity: {e}"})
+            steps.done(f"DROPPED (outside tolerance): {e}")
+            continue
         artifacts.append(art)
         steps.done(_summary(art))
+    if not artifacts:
+        raise ParityError("every artifact was outside its tolerance; nothing was written.")
 
     if trt_check_needed:
         steps.start("tensorrt: ONNX parser operator check")
@@ -565,9 +574,15 @@ def _nms_fn(ctx: _Context):
     return nms
 
 
+class _Dropped(Exception):
+    """An artifact outside its tolerance under ``drop_mismatch``."""
+
+
 def _fail(ctx: _Context, art: dict, message: str) -> None:
     art["notes"].append("MISMATCH: " + message)
     art["mismatch"] = True
+    if ctx.recipe.drop_mismatch and not ctx.recipe.allow_mismatch:
+        raise _Dropped(message)
     if not ctx.recipe.allow_mismatch:
         raise ParityError(f"{message}; nothing was written (pass --allow-mismatch to keep it, recorded in the card).")
 
@@ -596,6 +611,7 @@ def _card(ctx: _Context, artifacts: list[dict], not_built: list[dict], params: i
         "parity_tolerances": parity.tolerance_table(),
         "not_built": not_built,
         "allow_mismatch": ctx.recipe.allow_mismatch,
+        "drop_mismatch": ctx.recipe.drop_mismatch,
         "notes": src["notes"],
         "timings_s": timings,
         "recipe": {k: v for k, v in asdict(ctx.recipe).items() if k not in ("out",)},

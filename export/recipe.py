@@ -42,6 +42,7 @@ class ExportRecipe:
     image_size: int | None = None  # default: the checkpoint's / model's input size
     out: str | None = None
     allow_mismatch: bool = False  # keep artifacts outside tolerance, recorded in the card
+    drop_mismatch: bool = False  # leave out only the artifacts outside tolerance (listed under not_built); fail if none is left
     simplify: bool = False  # run onnxslim on the ONNX files (kept only if outputs are unchanged)
     overwrite: bool = False  # replace a non-empty --out folder
     max_batch: int = 64  # upper bound of the dynamic batch (TensorRT profile max, torch.export Dim max)

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, help="largest batch of the dynamic batch dimension (default 64)")
     p.add_argument("--out", metavar="DIR", help="output folder (written atomically)")
     p.add_argument("--allow-mismatch", action="store_true", default=None, help="keep artifacts outside tolerance (recorded in the card)")
+    p.add_argument("--drop-mismatch", action="store_true", default=None,
+                   help="ship the artifacts that pass parity and list the others under not_built (fails only if none passes)")
     p.add_argument("--simplify", action="store_true", default=None, help="run onnxslim (kept only if outputs are unchanged)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no step lines on stderr")
@@ -47,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 FIELDS = ("checkpoint", "model", "head", "head_variant", "head_type", "num_classes", "formats", "precisions", "calibration",
-          "calibration_count", "image_size", "max_batch", "out", "allow_mismatch", "simplify", "overwrite")
+          "calibration_count", "image_size", "max_batch", "out", "allow_mismatch", "drop_mismatch", "simplify", "overwrite")
 
 
 def recipe_from_args(args: argparse.Namespace) -> ExportRecipe:

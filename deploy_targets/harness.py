@@ -113,6 +113,8 @@ def bench_artifact(artifact: dict[str, Any], runtime: str, cfg: ProtocolConfig, 
     """
     card = card or {}
     prep = card.get("preprocessing") or dict(pp.IMAGENET, input_size=[3, *input_size])
+    # The artifact was exported (and verified) at the card's resolution: feed that, not the profile's default.
+    input_size = tuple(prep["input_size"][-2:])
     head = card.get("head") or {}
     model = card.get("model") or {}
     host_info = host_info or fp.host()

@@ -7,7 +7,7 @@ A profile says what to run and how to reach the device::
     runtime    = "onnxruntime"                    # one of deploy_targets.runners.RUNTIMES
     precision  = "fp32"                           # fp32 | fp16 | int8 | any: which artifacts to run
     threads    = [2]                              # intra-op threads; a list is a sweep (0 = runtime default)
-    input_size = [224, 224]                       # H, W the artifacts were exported for
+    input_size = [224, 224]                       # H, W fed to artifacts without a model card (a card's size wins)
     batch      = [1]                              # a list is a sweep
     reach      = "local"                          # local | ssh://[user@]host[:port] | adb:<serial> | macos
     notes      = "..."                            # free text

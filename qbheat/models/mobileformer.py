@@ -650,17 +650,21 @@ class MobileFormer(nn.Module):
 # far fewer (and no layout-changing) graph nodes, which is what costs time in ONNX Runtime and
 # OpenVINO for a model whose tokens are tiny: the plain MF-294M exports to ~1,100 ONNX nodes against
 # MobileNetV3-L's 140. The rewrites are ours (not in the paper or the official code):
-#   * multi-head attention as one matmul per side: each head's query (or key/value) is written into
-#     its own zero-padded copy of the channel vector by the projection weights, so the per-head split
-#     needs no reshape/transpose of the feature map, and the merge is folded into the next weights;
+#   * one projection per bridge side: query and gate (Mobile→Former), key and value (Former→Mobile);
+#   * heads split by reshapes of the feature map (no copy) and transposes of the 6 tokens only; the
+#     transposed operands of the attention matmuls fold into the runtimes' matmul kernels (ORT's
+#     FusedMatMul), so the feature map is never transposed;
 #   * constants folded into weights: 1/√d_head into the query/key projection, the gate's factor 2
 #     into the output projection, BN into convs and the head's FC, DyReLU's affine maps of hsigmoid
 #     into its MLP (a₁ = clamp(u₁/3 + 1, 0, 2), a₂ = clamp(u₂/3, −1, 1));
 #   * both DyReLUs of a Mobile sub-block get their coefficients from one MLP (concatenated first
 #     layer, block-diagonal second layer), computed once from token 0.
-# The zero-padded heads cost extra MACs: MF-294M counts 320 M instead of 287 M MACs (FlopCounterMode,
-# +12 %, in the token projections and the bridges' attention matmuls); the feature maps are never
-# transposed.
+# An earlier version wrote each head into a zero-padded copy of the channel vector instead (no token
+# transposes, but 16.1 M instead of 11.3 M weights and 320 M instead of 287 M MACs for MF-294M);
+# measured side by side with this form (224², batch 1, 2 threads, shared 2-core AVX2 machine) it was
+# ~10 % slower: ONNX Runtime 20.2 vs 18.1 ms p50 (spinning off), OpenVINO f32 21.7 vs 18.2 ms min; the
+# extra weight traffic cost more than the tiny transposes it saved. The block-diagonal DyReLU layer
+# is the only zero padding left (12.5 M weights).
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Conv (no bias) followed by eval-mode BN, as one conv with bias."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -686,86 +690,71 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def _head_masks(channels: int, heads: int, like: torch.Tensor) -> torch.Tensor:
-    """heads×channels 0/1 matrix: row i selects the channels of head i (channels split in equal runs)."""
-    return torch.repeat_interleave(torch.eye(heads, dtype=like.dtype, device=like.device), channels // heads, dim=1)
-
-
 class LeanMobileToFormer(nn.Module):
-    """``MobileToFormer`` for export: one projection gives every head's zero-padded, pre-scaled query and
-    the (head-replicated) gate; one matmul pair attends all heads at once; the padded head outputs are
-    merged by the output projection, whose rows for other heads' channels are zero."""
+    """``MobileToFormer`` for export: the query (pre-scaled by 1/√(C/h)) and the gate come from one
+    projection d → 2C; the heads split the channels by a reshape of the map (no copy) and of the tiny
+    query; the gate's factor 2 is folded into the output projection."""
 
     def __init__(self, m: MobileToFormer):
         super().__init__()
-        c, h = m.q.out_features, m.num_heads
-        self.heads, self.channels = h, c
-        mask = _head_masks(c, h, m.q.weight)  # h×C
-        q_w = (mask[:, :, None] * m.q.weight * m.scale).reshape(h * c, -1)  # rows (i, c)
-        q_b = (mask * m.q.bias * m.scale).reshape(h * c)
-        g_w, g_b = m.gate.weight.repeat(h, 1), m.gate.bias.repeat(h)
-        self.project_in = _linear(torch.cat([q_w, g_w]), torch.cat([q_b, g_b]))  # d → 2·h·C
-        self.project_out = _linear((m.proj.weight[:, None, :] * 2.0 * mask).reshape(m.proj.out_features, h * c),
-                                   m.proj.bias)  # h·C → d; the gate's factor 2 folded in
+        self.heads = m.num_heads
+        self.project_in = _linear(torch.cat([m.q.weight * m.scale, m.gate.weight]),
+                                  torch.cat([m.q.bias * m.scale, m.gate.bias]))  # d → 2C
+        self.project_out = _linear(m.proj.weight * 2.0, m.proj.bias)  # C → d
         self.norm = m.norm
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        b, t, _ = z.shape
-        q, g = self.project_in(z).split(self.heads * self.channels, dim=-1)  # B×T×hC each
-        k = x.flatten(2)  # B×C×HW, keys = values = pixels
-        attn = (q.reshape(b, t * self.heads, self.channels) @ k).softmax(dim=-1)  # B×(T·h)×HW
-        out = (attn @ k.transpose(1, 2)).reshape(b, t, self.heads * self.channels)  # B×T×hC
+        b, c, hh, ww = x.shape
+        t, h = z.shape[1], self.heads
+        q, g = self.project_in(z).split(c, dim=-1)  # B×T×C each
+        q = q.reshape(b, t, h, c // h).transpose(1, 2)  # B×h×T×C/h (6 tokens: a tiny transpose)
+        k = x.reshape(b, h, c // h, hh * ww)  # B×h×C/h×HW, keys = values = pixels, no copy
+        attn = (q @ k).softmax(dim=-1)  # B×h×T×HW
+        out = (attn @ k.transpose(-1, -2)).transpose(1, 2).reshape(b, t, c)  # B×T×C
         return self.norm(z + self.project_out(out * F.hardsigmoid(g)))
 
 
 class LeanFormer(nn.Module):
-    """``Former`` for export: the query projection writes each head's pre-scaled query into its own
-    zero-padded copy (d → heads·d), so one matmul against the raw tokens gives all heads' logits, and
-    the output projection (heads·d → d, rows masked per head) merges them."""
+    """``Former`` for export: the attention scale folded into the query projection; the heads split
+    the 6 tokens' channels by reshapes and tiny transposes (a zero-padded per-head query, which
+    needs no transpose, quadruples the projection weights and measured slower)."""
 
     def __init__(self, m: Former):
         super().__init__()
-        d, n = m.q.in_features, m.num_heads
-        self.heads = n
-        mask = _head_masks(d, n, m.q.weight)  # n×d
-        self.q = _linear((mask[:, :, None] * m.q.weight * m.scale).reshape(n * d, d),
-                         (mask * m.q.bias * m.scale).reshape(n * d))
-        self.proj = _linear((m.proj.weight[:, None, :] * mask).reshape(d, n * d), m.proj.bias)
-        self.norm, self.ffn, self.ffn_norm = m.norm, m.ffn, m.ffn_norm
+        self.heads = m.num_heads
+        self.q = _linear(m.q.weight * m.scale, m.q.bias * m.scale)
+        self.proj, self.norm, self.ffn, self.ffn_norm = m.proj, m.norm, m.ffn, m.ffn_norm
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         b, t, d = z.shape
-        q = self.q(z).reshape(b, t * self.heads, d)  # B×(T·n)×d, zero outside each head's dims
-        attn = (q @ z.transpose(1, 2)).softmax(dim=-1)  # B×(T·n)×T
-        out = (attn @ z).reshape(b, t, self.heads * d)
+        n = self.heads
+        q = self.q(z).reshape(b, t, n, d // n).transpose(1, 2)  # B×n×T×d/n
+        k = z.reshape(b, t, n, d // n).transpose(1, 2)  # K = V = Z
+        out = ((q @ k.transpose(-1, -2)).softmax(dim=-1) @ k).transpose(1, 2).reshape(b, t, d)
         z = self.norm(z + self.proj(out))
         return self.ffn_norm(z + self.ffn(z))
 
 
 class LeanFormerToMobile(nn.Module):
-    """``FormerToMobile`` for export: keys (pre-scaled) and values of all heads come from one projection
-    as C×(h·T) matrices, zero where a channel is not in the head; the logits X^T K (softmax over the
-    last axis) and the output V A^T then need no transpose of the feature map itself."""
+    """``FormerToMobile`` for export: keys (pre-scaled by 1/√(C/h)) and values from one projection
+    d → 2C, laid out per head as C/h×T matrices (a permute of the 6 tokens only); the logits are
+    Xᵀ K and the output V Aᵀ, so the feature map is only reshaped (transposed operands fold into
+    the runtimes' matmuls)."""
 
     def __init__(self, m: FormerToMobile):
         super().__init__()
-        c, h = m.k.out_features, m.num_heads
-        self.heads, self.channels = h, c
-        mask = _head_masks(c, h, m.k.weight)
-        k_w = (mask[:, :, None] * m.k.weight * m.scale).reshape(h * c, -1)
-        k_b = (mask * m.k.bias * m.scale).reshape(h * c)
-        v_w = (mask[:, :, None] * m.v.weight).reshape(h * c, -1)
-        v_b = (mask * m.v.bias).reshape(h * c)
-        self.project = _linear(torch.cat([k_w, v_w]), torch.cat([k_b, v_b]))  # d → 2·h·C
+        self.heads = m.num_heads
+        self.project = _linear(torch.cat([m.k.weight * m.scale, m.v.weight]),
+                               torch.cat([m.k.bias * m.scale, m.v.bias]))  # d → 2C
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape
         t, h = z.shape[1], self.heads
-        kv = self.project(z).reshape(b, t, 2 * h, c).permute(0, 3, 2, 1).reshape(b, c, 2 * h * t)  # B×C×(2h·T)
-        k, v = kv.split(h * t, dim=-1)  # B×C×(h·T) each, columns (head, token)
-        xf = x.flatten(2)  # B×C×HW
-        attn = (xf.transpose(1, 2) @ k).reshape(b, hh * ww, h, t).softmax(dim=-1)  # B×HW×h×T
-        out = v @ attn.reshape(b, hh * ww, h * t).transpose(1, 2)  # B×C×HW
+        kv = self.project(z).reshape(b, t, 2 * h, c // h).permute(0, 2, 3, 1)  # B×2h×C/h×T
+        k, v = kv.split(h, dim=1)  # B×h×C/h×T each
+        q = x.reshape(b, h, c // h, hh * ww)  # B×h×C/h×HW, no copy
+        attn = (q.transpose(-1, -2) @ k).softmax(dim=-1)  # B×h×HW×T
+        out = v @ attn.transpose(-1, -2)  # B×h×C/h×HW
         return x + out.reshape(b, c, hh, ww)
 
 

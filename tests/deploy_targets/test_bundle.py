@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +48,12 @@ def bundle(export_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bundles")
     profile_path = folder / "pi.toml"
     text = (Path(load_profile("rpi5-ort").source)).read_text()
-    profile_path.write_text(text.replace('name = "rpi5-ort"', 'name = "my-pi"').replace("[224, 224]", f"[{SIZE}, {SIZE}]")
-                            .replace("threads = [1, 4]", "threads = [1]").replace("batch = [1]", "batch = [1, 2]"))
+    profile_path.write_text(text.replace('name = "rpi5-ort"', 'name = "my-pi"').replace("threads = [1, 4]", "threads = [1]").replace("batch = [1]", "batch = [1, 2]"))
     return write_bundle(read_model_card(export_dir), export_dir, load_profile(str(profile_path)), folder / "pi_bundle")
 
 
 def test_bundle_layout(bundle):
+    """The profile says 224×224 but the card says SIZE: the card's size, at which parity was verified, wins."""
     names = {p.name for p in bundle.iterdir()}
     assert {"run_bundle.py", "bundle.json", "golden.npz", "golden.jpg", "README.md", "model_card.json", "qbheat_bench", "artifacts", "snippets"} <= names
     meta = json.loads((bundle / "bundle.json").read_text())
@@ -62,6 +63,7 @@ def test_bundle_layout(bundle):
     with np.load(bundle / "golden.npz") as z:
         assert z["input:x"].shape == (4, 3, SIZE, SIZE) and z["output:logits"].shape == (4, 5) and z["images"].dtype == np.uint8
     readme = (bundle / "README.md").read_text()
+    assert meta["profile"]["input_size"] == [SIZE, SIZE]
     assert "{{" not in readme and "ssh -- raspberrypi.local" in readme and "my-pi" in readme
     assert (bundle / "snippets" / "model_onnx.kt").exists()
 
@@ -109,6 +111,9 @@ def test_bundle_refuses_what_the_target_cannot_run(export_dir, tmp_path):
     card = read_model_card(export_dir)
     with pytest.raises(QBHeatError, match="has no artifact that litert runs"):
         write_bundle(card, export_dir, load_profile("android-litert-xnnpack"), tmp_path / "b")
-    with pytest.raises(QBHeatError, match="32×32 inputs but profile local-cpu-ort says 224×224"):
-        write_bundle(card, export_dir, load_profile("local-cpu-ort"), tmp_path / "c")
+    damaged = tmp_path / "export"
+    shutil.copytree(export_dir, damaged)
+    (damaged / "model.onnx").unlink()
+    with pytest.raises(QBHeatError, match="model.onnx does not exist"):
+        write_bundle(card, damaged, load_profile("local-cpu-ort"), tmp_path / "c")
     assert not (tmp_path / "c").exists() and not any(p.name.startswith(".c") for p in tmp_path.iterdir())

@@ -55,7 +55,8 @@ def test_bench_rows_carry_fingerprint_golden_and_sweep(export_dir, tiny_model, j
     from export.manifest import read_model_card
     card = read_model_card(export_dir)
     art = dict(card["artifacts"][0], abs_path=str(export_dir / "model.onnx"))
-    rows = bench_artifact(art, "onnxruntime", QUICK, threads=[1, 2], batches=[1, 4], options={}, input_size=(SIZE, SIZE),
+    # The profile's 224×224 is only a fallback: the card's size (SIZE), at which the export was verified, wins.
+    rows = bench_artifact(art, "onnxruntime", QUICK, threads=[1, 2], batches=[1, 4], options={}, input_size=(224, 224),
                           target="t", card=card, image_bytes=jpeg_bytes, golden=golden)
     assert [(r["threads"], r["batch"]) for r in rows] == [(1, 1), (1, 4), (2, 1), (2, 4)]
     for r in rows:

@@ -89,8 +89,26 @@ class ImageSet:
         return {"source": self.source, "count": len(self.names), "sha256": hashlib.sha256(self.images_u8.tobytes()).hexdigest()}
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _read_crops(pre: Preprocessing, folder: Path, files: list[Path]) -> tuple[np.ndarray, list[str]]:
+    from PIL import Image, UnidentifiedImageError
+
+    crops, names = [], []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                crops.append(pre.resize_crop(im))
+        except (UnidentifiedImageError, OSError) as e:
+            raise QBHeatError(f"calibration image {p} cannot be read ({type(e).__name__}); remove it or fix it.") from None
+        names.append(str(p.relative_to(folder)))
+    return np.stack(crops), names
+
+
 def load_images(pre: Preprocessing, folder: str | Path | None = None, count: int = DEFAULT_COUNT, seed: int = 0) -> ImageSet:
-    """``count`` images from ``folder`` (sorted, recursively) or from scikit-image's bundled photos."""
+    """The first ``count`` images of ``folder`` (sorted, recursively) or scikit-image's bundled photos."""
     if folder is None:
         from qbheat.data.samples import NAMES, sample_images
 
@@ -100,25 +118,28 @@ def load_images(pre: Preprocessing, folder: str | Path | None = None, count: int
     folder = Path(folder)
     if not folder.is_dir():
         raise QBHeatError(f"calibration folder {folder} does not exist; pass a folder of images or leave --calibration out.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = _image_files(folder)
     if not files:
         raise QBHeatError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or leave --calibration out.")
-    from PIL import Image, UnidentifiedImageError
-
-    crops, names = [], []
-    for p in files[:count]:
-        try:
-            with Image.open(p) as im:
-                crops.append(pre.resize_crop(im))
-        except (UnidentifiedImageError, OSError) as e:
-            raise QBHeatError(f"calibration image {p} cannot be read ({type(e).__name__}); remove it or fix it.") from None
-        names.append(str(p.relative_to(folder)))
-    u8 = np.stack(crops)
+    u8, names = _read_crops(pre, folder, files[:count])
     return ImageSet(str(folder), names, u8, pre.normalize(u8))
 
 
-def parity_images(pre: Preprocessing, batch: int = 4) -> ImageSet:
-    """Real photographs for parity, distinct from the default calibration set (seeded differently)."""
+def parity_images(pre: Preprocessing, batch: int = 4, folder: str | Path | None = None, skip: int = 0) -> ImageSet:
+    """Real images for parity, never the ones calibration used.
+
+    With a calibration ``folder`` that holds more than ``skip`` (= the calibration count) images, parity runs
+    on ``batch`` of the remaining ones, spread evenly: the user's own data, so INT8 is judged in the
+    distribution it was calibrated for. Otherwise scikit-image's photos (random crops, seeded apart from the
+    default calibration set).
+    """
+    if folder is not None:
+        folder = Path(folder)
+        rest = _image_files(folder)[skip:] if folder.is_dir() else []
+        if len(rest) >= batch:
+            pick = [rest[round(i * (len(rest) - 1) / max(batch - 1, 1))] for i in range(batch)]
+            u8, names = _read_crops(pre, folder, pick)
+            return ImageSet(f"{folder} (held out from calibration)", names, u8, pre.normalize(u8))
     from qbheat.data.samples import NAMES, sample_images
 
     u8 = sample_images(len(NAMES) + batch, pre.input_size, seed=1234)[-batch:]  # random crops, not the centre crops

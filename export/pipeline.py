@@ -259,7 +259,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
 
     steps.start("calibration + parity images, PyTorch reference outputs")
     calib = load_images(pre, recipe.calibration, recipe.calibration_count)
-    check = parity_images(pre, max(PARITY_BATCHES))
+    check = parity_images(pre, max(PARITY_BATCHES), recipe.calibration, len(calib.names))
     with torch.no_grad():
         ref = {b: [o.numpy() for o in reference(torch.from_numpy(check.inputs[:b]))] for b in PARITY_BATCHES}
     steps.done(f"{len(calib.names)} calibration images from {calib.source}")

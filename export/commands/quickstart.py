@@ -80,7 +80,9 @@ def _calibration_folder(data: str, folder: Path) -> Path:
 
     images, _ = fashion_mnist.load("train")
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(32):  # the first 32 training images: calibration never sees the test split
+    # The first 48 training images: export calibrates on the first 32 and checks parity on the other 16's
+    # spread; neither ever sees the test split.
+    for i in range(48):
         Image.fromarray(images[i]).convert("RGB").save(folder / f"{i:03d}.png")
     return folder
 
@@ -147,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     s.run("train the classifier head (linear probe, frozen backbone)", "qbheat", [
         "probe", "--checkpoint", str(run_dir / "last.pt"), "--protocol", "linear", "--data", data,
         "--image-size", size, "--train-size", str(probe_train), *(["--test-size", "512"] if quick else []),
+        "--recalibrate-bn",  # QB-Heat at stride 16 never runs the last stage: give its BatchNorm real statistics
         "--out", str(out / "linear_probe.json"), "--save-head", str(out / "classifier.pt")])
     export_dir = out / "export"
     calibration = _calibration_folder(data, out / "data" / "calibration")

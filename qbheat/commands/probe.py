@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", metavar="JSON", help="write the results here")
     parser.add_argument("--save-head", metavar="FILE", help="write a 'probe' checkpoint (linear / nonlinear)")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="first estimate the statistics of BatchNorm layers pre-training never updated, on the "
+                             "training images (label-free); recommended before --save-head for export, where layers "
+                             "left at their initial statistics make the head ill-conditioned for FP16/INT8")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -66,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
     pre = resolve_preprocessing(source, args.data, args.image_size)
     x_tr, y_tr, classes = classification_data(args.data, "train", limit=args.train_size, seed=args.seed, preprocessing=pre)
     x_te, y_te, _ = classification_data(args.data, "test", limit=args.test_size, seed=args.seed, preprocessing=pre)
+    recalibrated = []
+    if args.recalibrate_bn:
+        from qbheat.evaluation.features import recalibrate_untracked_batchnorm
+
+        recalibrated = recalibrate_untracked_batchnorm(source.backbone, x_tr, pre, batch_size=args.batch_size,
+                                                       progress=progress)
+        print(f"BatchNorm statistics estimated for {len(recalibrated)} layer(s) pre-training never updated")
     spatial = args.protocol == "nonlinear"
     train = extract_features(source.backbone, x_tr, pre, y_tr, batch_size=args.batch_size, spatial=spatial,
                              pool=args.pool, progress=progress, desc="train features")
@@ -103,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         "data": {"spec": args.data, "train_images": len(train), "test_images": len(test), "classes": classes,
                  "seed": args.seed},
         "preprocessing": pre.to_dict(),
+        "batchnorm_recalibrated": recalibrated,
         "metrics": metrics,
         "details": details,
         "seconds": {"features": round(t_feat, 2), "total": round(time.perf_counter() - t0, 2)},

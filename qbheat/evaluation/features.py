@@ -174,6 +174,47 @@ def extract_features(backbone: nn.Module, images: np.ndarray | torch.Tensor, pre
     )
 
 
+@torch.no_grad()
+def recalibrate_untracked_batchnorm(backbone: nn.Module, images: np.ndarray | torch.Tensor, preprocessing: Preprocessing,
+                                    *, max_images: int = 2048, batch_size: int = 256, progress: bool = True) -> list[str]:
+    """Estimate running statistics for the BatchNorm layers that pre-training never updated; return their names.
+
+    A pretext task may leave part of the backbone unused: QB-Heat extrapolating stride-16 features never
+    runs the last stage, so its BatchNorm layers keep their initial mean 0 / variance 1 whatever their inputs
+    are. Frozen as they are, those layers pass on features whose scale is arbitrary, and a linear head fitted on
+    them gets huge weights that INT8 and FP16 artifacts cannot reproduce. This pass (label-free, training images
+    only) gives exactly those layers (``num_batches_tracked == 0``) the cumulative mean and variance of their
+    inputs over up to ``max_images`` images; every other layer, and every weight, is left untouched.
+    """
+    from tqdm import tqdm
+
+    bns = {name: m for name, m in backbone.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+           and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0}
+    if not bns:
+        return []
+    x_all = as_uint8_chw(images)[:max_images]
+    if x_all.shape[0] == 0:
+        raise QBHeatError("no images to recalibrate BatchNorm statistics with.")
+    device = next(backbone.parameters()).device
+    was_training, momenta = backbone.training, {n: m.momentum for n, m in bns.items()}
+    backbone.eval()
+    for m in bns.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        for start in tqdm(range(0, x_all.shape[0], batch_size), desc="BatchNorm statistics", disable=not progress,
+                          leave=False, dynamic_ncols=True):
+            out = backbone.forward_features(preprocessing(x_all[start:start + batch_size]).to(device))
+            backbone.forward_head(out, pre_logits=True)
+    finally:
+        for n, m in bns.items():
+            m.momentum = momenta[n]
+        backbone.train(was_training)
+    return sorted(bns)
+
+
 def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (fit, held_out) of a random split of ``n`` training items; the held-out part chooses hyper-parameters."""
     if not 0 < fraction < 1:

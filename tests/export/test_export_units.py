@@ -101,6 +101,25 @@ def test_calibration_folder_images_are_preprocessed(tmp_path):
     np.testing.assert_allclose(imgs.inputs[1], 2.0)
 
 
+def test_parity_uses_held_out_folder_images_else_photographs(tmp_path):
+    """Parity runs on the user's own images that calibration did not use; too few left → skimage photographs."""
+    from PIL import Image
+
+    from export.calibration import Preprocessing, load_images, parity_images
+
+    for i in range(10):
+        Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    pre = Preprocessing(input_size=32)
+    calib = load_images(pre, tmp_path, count=4)
+    check = parity_images(pre, 4, tmp_path, skip=len(calib.names))
+    assert calib.names == ["00.png", "01.png", "02.png", "03.png"]
+    assert check.names == ["04.png", "06.png", "07.png", "09.png"] and "held out" in check.source
+    assert not set(check.names) & set(calib.names) and check.inputs.shape == (4, 3, 32, 32)
+    fallback = parity_images(pre, 4, tmp_path, skip=8)  # only 2 left
+    assert fallback.source.startswith("skimage.data") and fallback.inputs.shape == (4, 3, 32, 32)
+    assert parity_images(pre, 4).source == fallback.source
+
+
 def test_tensorrt_only_is_refused_when_it_cannot_build(tmp_path, capsys):
     if backends.format_status("tensorrt").can_build:
         pytest.skip("TensorRT can build here")

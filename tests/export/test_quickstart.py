@@ -42,6 +42,10 @@ def test_quickstart_writes_every_promised_file(quick_run):
         assert artifact_path(out / "model_card.json", a).exists()
     for n in card.get("not_built", []):
         assert n["reason"]
+    # parity ran on held-out Fashion-MNIST training images, not on photographs; the probe fixed the last stage's BN
+    assert "held out from calibration" in card["parity_images"]["source"]
+    probe = json.loads((out / "linear_probe.json").read_text())
+    assert any(name.startswith("blocks.") for name in probe["batchnorm_recalibrated"])
     # the commands it ran are the product's own CLI, in order
     lines = [line for line in (out / "commands.sh").read_text().splitlines() if line.startswith("qbheat")]
     assert [line.split()[1] for line in lines] == ["pretrain", "probe", "export", "bench", "bench", "bundle", "bundle", "report"]

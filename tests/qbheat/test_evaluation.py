@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from qbheat.errors import QBHeatError
-from qbheat.evaluation.features import FeatureSet, Preprocessing, extract_features, holdout_split, pool_features
+from qbheat.evaluation.features import (FeatureSet, Preprocessing, extract_features, holdout_split, pool_features,
+                                       recalibrate_untracked_batchnorm)
 from qbheat.evaluation.knn import knn_predict, run_knn
 from qbheat.evaluation.linear_probe import LinearProbeConfig, fit_linear, run_linear_probe, select_and_fit
 from qbheat.evaluation.nonlinear_probe import NonlinearProbeConfig, predict, run_nonlinear_probe
@@ -198,3 +199,43 @@ def test_nonlinear_probe_works_on_tiny_feature_variation_and_folds_standardisati
     cfg = NonlinearProbeConfig(width=16, num_heads=2, epochs=8, batch_size=30, lrs=(3e-3,))
     res = run_nonlinear_probe(fs.subset(range(120)), fs.subset(range(120, 180)), cfg, num_classes=3)
     assert res.test_accuracy > 0.8
+
+
+# ------------------------------------------------------------------------------------ BatchNorm recalibration
+
+def test_recalibration_touches_only_batchnorm_that_pretraining_never_updated():
+    model = create_model("mobileformer_micro")
+    images = torch.randint(0, 256, (24, 64, 64), dtype=torch.uint8)
+    pre = Preprocessing(input_size=(3, 64, 64))
+    model.train()
+    with torch.no_grad():  # "pre-training" that ran only the stem and first blocks
+        model.forward_features(pre(images[:8].unsqueeze(1).expand(-1, 3, -1, -1)))
+    for name, m in model.named_modules():  # pretend only the stem was trained
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith("stem"):
+            m.reset_running_stats()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = recalibrate_untracked_batchnorm(model, images, pre, batch_size=8, progress=False)
+    after = model.state_dict()
+    assert changed and not any(n.startswith("stem") for n in changed) and model.training
+    for k, v in after.items():
+        module = k.rsplit(".", 1)[0]
+        if module in changed and k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        assert torch.equal(v, before[k]), k  # weights and the stem's statistics untouched
+    # The cumulative average over all images of the mean its input has. Checked on the first recalibrated layer,
+    # whose input does not depend on layers that used batch statistics during the pass.
+    name = next(n for n, _ in model.named_modules() if n in changed)
+    bn = dict(model.named_modules())[name]
+    seen = []
+    hook = bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, 24, 8):
+            model.forward_head(model.forward_features(pre(images[start:start + 8].unsqueeze(1).expand(-1, 3, -1, -1))),
+                               pre_logits=True)
+    hook.remove()
+    x = torch.cat(seen)
+    dims = [0] + list(range(2, x.ndim))
+    per_batch = torch.stack([s.mean(dim=dims) for s in seen]).mean(0)  # equal batches: mean of batch means
+    torch.testing.assert_close(bn.running_mean, per_batch, rtol=1e-4, atol=1e-5)
+    assert recalibrate_untracked_batchnorm(model, images, pre, progress=False) == []  # nothing left untracked

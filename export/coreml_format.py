@@ -66,9 +66,14 @@ def image_type(pre, input_name: str):
                         bias=[-m / s for m in pre.mean], color_layout=ct.colorlayout.RGB)
 
 
+def decompose(program):
+    """The ExportedProgram in the ops Core ML's converter reads; done once, shared by every precision."""
+    return program.run_decompositions(COREML_DECOMPOSITIONS)
+
+
 def convert(program, pre, input_name: str, output_names: tuple[str, ...], precision: str,
             labels: list[str] | None, metadata: dict[str, str], fp32_modules: list[str] = (), pinned_out: list | None = None):
-    """ExportedProgram (of a ``ChannelRescale``-wrapped model) → MLModel at ``precision``.
+    """ExportedProgram (of a ``ChannelRescale``-wrapped model, after ``decompose``) → MLModel at ``precision``.
 
     ``fp32_modules``: module paths the FP16 guard flagged; their ops stay FP32 (names appended to ``pinned_out``).
     """
@@ -76,7 +81,6 @@ def convert(program, pre, input_name: str, output_names: tuple[str, ...], precis
 
     from export.fp16_guard import pinned_node_names
 
-    program = program.run_decompositions(COREML_DECOMPOSITIONS)
     fp32_ops = pinned_node_names(program, list(fp32_modules)) if precision != "fp32" else set()
     pinned_out = pinned_out if pinned_out is not None else []
 

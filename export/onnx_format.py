@@ -8,8 +8,9 @@
 * Optional ``onnxslim`` pass; its result is kept only if ONNX Runtime gives the same outputs as
   before the pass (max abs error ≤ 1e-5 of the output scale) — simplifiers have changed outputs
   before (onnxsim#50). Otherwise the unslimmed graph ships and the card says why.
-* FP16: exported from ``fp16_guard.Float16Model`` (float16 inside, float32 I/O, guard-pinned modules
-  in float32). INT8: ``export.quantize`` on the FP32 file.
+* FP16: float16 inside, float32 I/O. With nothing pinned by the FP16 guard, the FP32 graph cast by
+  ONNX Runtime's ``convert_float_to_float16`` (no second ``torch.export``); otherwise exported from the
+  module with the guard-pinned parts kept in float32. INT8: ``export.quantize`` on the FP32 file.
 """
 from __future__ import annotations
 
@@ -42,6 +43,47 @@ def export_program(program, example: torch.Tensor, path: str | os.PathLike, inpu
     onnx.save(model, str(path))
     return {"opset": OPSET, "batch_dim": batch_param, "nodes": len(model.graph.node),
             "op_types": sorted({n.op_type for n in model.graph.node})}
+
+
+def to_float16(fp32_path: str | os.PathLike, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """The FP32 file with float16 weights and compute, float32 inputs and outputs (ONNX Runtime's converter),
+    checked like an export; ``metadata`` replaces the copied ``metadata_props`` values."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    _topological_sort(model.graph)  # the converter appends its input casts at the end
+    del model.graph.value_info[:]  # some keep their float32 type; the checker's shape inference re-derives them
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({str(k): str(v) for k, v in metadata.items()})
+    del model.metadata_props[:]
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise QBHeatError("the float16 ONNX graph has a cycle or an input nobody produces; export FP16 with a pinned module instead.")
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _rename_batch(model, input_name: str) -> str:

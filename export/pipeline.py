@@ -397,10 +397,13 @@ def _build_onnx(ctx: _Context, precision: str) -> dict:
         from export.fp16_guard import half_with_fp32_islands
 
         pinned = ctx.pinned
-        half = half_with_fp32_islands(ctx.deploy, pinned)
-        program, example = export_program(half, ctx.pre.input_size, ctx.recipe.max_batch)
         path = ctx.path("onnx", "model.fp16.onnx")
-        onnx_format.export_program(program, example, path, "image", ctx.output_names, {**ctx.metadata, "precision": "fp16"})
+        if pinned:  # modules the guard keeps in float32: export the mixed-precision module itself
+            half = half_with_fp32_islands(ctx.deploy, pinned)
+            program, example = export_program(half, ctx.pre.input_size, ctx.recipe.max_batch)
+            onnx_format.export_program(program, example, path, "image", ctx.output_names, {**ctx.metadata, "precision": "fp16"})
+        else:  # nothing pinned: cast the FP32 graph (same function, no second torch.export)
+            onnx_format.to_float16(ctx.onnx_fp32(), path, {**ctx.metadata, "precision": "fp16"})
         notes.append("float16 compute with float32 inputs/outputs; ONNX Runtime's CPU provider runs float16 nodes "
                      "without CPU kernels through inserted casts, so CPU parity is optimistic for FP16")
     else:
@@ -460,7 +463,8 @@ def _build_coreml(ctx: _Context, precision: str) -> dict:
     if not hasattr(ctx, "_coreml_program"):
         variant = "probabilities" if ctx.src["task"] == "classifier" else ctx.src["variant"]
         model = coreml_format.ChannelRescale(DeployableModel(ctx.deploy.backbone, ctx.deploy.head, variant), ctx.pre.std)
-        ctx._coreml_program, _ = export_program(model, ctx.pre.input_size, 1, dynamic=False)
+        program, _ = export_program(model, ctx.pre.input_size, 1, dynamic=False)
+        ctx._coreml_program = coreml_format.decompose(program)
         ctx._coreml_outputs = model.output_names
     labels = ctx.src["labels"] if ctx.src["task"] == "classifier" else None
     fp32_ops: list[str] = []

@@ -238,6 +238,46 @@ def test_fp16_guard_finds_the_overflow_and_pinning_fixes_it():
     assert any("linear" in n for n in names) and any(n.startswith("mul") for n in names)
 
 
+def test_onnx_fp16_both_paths_keep_float32_io_and_the_function(tmp_path):
+    """Nothing pinned: the FP32 file cast by ORT's converter. Pinned: the mixed module exported itself."""
+    import onnx
+    import onnxruntime as ort
+
+    from export import onnx_format
+    from export.fp16_guard import half_with_fp32_islands
+
+    torch.manual_seed(0)
+    model = _Overflowing().eval()
+    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32) * 3
+    ref = model(torch.from_numpy(x))[0].detach().numpy()
+    dims = {"image": {0: torch.export.Dim("batch", min=1, max=8)}}
+    example = torch.from_numpy(x[:2])
+
+    def run(path):
+        (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+        return out
+
+    fp32 = tmp_path / "m.fp32.onnx"
+    onnx_format.export_program(torch.export.export(model, (example,), dynamic_shapes=dims), example, fp32, "image",
+                               ("logits",), {"precision": "fp32", "k": "v"})
+    cast = tmp_path / "m.fp16.onnx"
+    onnx_format.to_float16(fp32, cast, {"precision": "fp16"})
+    m = onnx.load(str(cast))
+    assert {p.key: p.value for p in m.metadata_props} == {"precision": "fp16", "k": "v"}
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
+    # ORT's CPU provider has no float16 kernels for most ops and runs them through casts to float32, so the overflow
+    # a GPU or NPU would hit does not show here: the guard, not CPU parity, is what pins such modules.
+    np.testing.assert_allclose(run(cast), ref, rtol=2e-2, atol=2e-2)
+
+    pinned = tmp_path / "m.pinned.onnx"
+    half = half_with_fp32_islands(model, ["energy"])
+    onnx_format.export_program(torch.export.export(half, (example,), dynamic_shapes=dims), example, pinned, "image",
+                               ("logits",), {"precision": "fp16"})
+    np.testing.assert_allclose(run(pinned), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_fp16_guard_is_quiet_on_a_normal_network():
     from export.fp16_guard import check
 

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, help="classes of a new, untrained head (default 1000 / 80)")
     p.add_argument("--formats", help="comma list of onnx,openvino,coreml,tensorrt (default onnx,openvino,coreml)")
     p.add_argument("--precision", dest="precisions", help="comma list of fp32,fp16,int8 (default all three)")
-    p.add_argument("--calibration", metavar="DIR", help="folder of calibration images (default: scikit-image's photos)")
+    p.add_argument("--calibration", metavar="DIR", help="folder of images: the first --calibration-count calibrate FP16/INT8, 4 of the rest check parity "
+                        "(default: scikit-image's photos for both)")
     p.add_argument("--calibration-count", type=int, help="calibration images to use (default 16)")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default: the model's)")
     p.add_argument("--max-batch", type=int, help="largest batch of the dynamic batch dimension (default 64)")

@@ -160,6 +160,13 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
         Row("qbheat", f"QB-Heat ({args.model})", "ssl", args.model, {"method": "qbheat"}),
         Row("qbheat_s32", f"QB-Heat, feature stride 32 ({args.model})", "ssl", args.model,
             {"method": "qbheat", "qbheat.feature_stride": 32}),
+        # Issue 7 ablations of choices the paper leaves open (each changes one field of the default):
+        Row("qbheat_rawpix", f"QB-Heat, raw-pixel target ({args.model})", "ssl", args.model,
+            {"method": "qbheat", "qbheat.norm_pix_loss": False}),
+        Row("qbheat_randcorner", f"QB-Heat, random visible corner ({args.model})", "ssl", args.model,
+            {"method": "qbheat", "qbheat.visible_corner": "random"}),
+        Row("qbheat_dec3", f"QB-Heat, 3-block decoder ({args.model})", "ssl", args.model,
+            {"method": "qbheat", "qbheat.decoder_depth": 3}),
         Row("mocov2_msbreg", f"MoCo-v2 + MSBReg ({args.model})", "ssl", args.model, msbreg, 8,
             "msbreg" in REGULARIZERS, "qbheat.regularizers has no 'msbreg'"),
         Row("qbheat_hssl", f"QB-Heat + HSSL ({args.model})", "ssl", args.model, hssl, 8,
@@ -178,7 +185,7 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
 # Per-unit costs (process CPU seconds, 1 thread, mobileformer_micro at 64 px, batch 128), measured on
 # this 2-core machine while it was shared: used only for the printed estimate, which is therefore
 # rough (it has not been checked against a run on an idle machine).
-_STEP_S = {"qbheat": 0.25, "qbheat_s32": 0.25, "mocov2": 0.8, "mocov2_msbreg": 1.2, "qbheat_hssl": 0.8, "qbheat_hcnet": 0.6, "supervised": 0.5}
+_STEP_S = {"qbheat": 0.25, "qbheat_s32": 0.25, "qbheat_rawpix": 0.25, "qbheat_randcorner": 0.25, "qbheat_dec3": 0.3, "mocov2": 0.8, "mocov2_msbreg": 1.2, "qbheat_hssl": 0.8, "qbheat_hcnet": 0.6, "supervised": 0.5}
 _EVAL_S_PER_IMAGE = 0.0015  # feature extraction, classification (64 px) and canvases
 _PROBE_FIXED_S = 45.0  # linear + non-linear + detector training per backbone at the default sizes
 
@@ -372,7 +379,10 @@ def _beats(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def verdicts(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     m, r = summary.get("mocov2"), summary.get("random")
     out = []
-    for q_key, suffix in (("qbheat", ""), ("qbheat_s32", " [variant: QB-Heat with feature stride 32]")):
+    for q_key, suffix in (("qbheat", ""), ("qbheat_s32", " [variant: QB-Heat with feature stride 32]"),
+                          ("qbheat_rawpix", " [variant: raw-pixel target]"),
+                          ("qbheat_randcorner", " [variant: random visible corner]"),
+                          ("qbheat_dec3", " [variant: 3-block decoder]")):
         q = summary.get(q_key)
         if q and r:
             per = {p: _beats(q[p], r[p]) for p in PROTOCOLS}

@@ -562,8 +562,8 @@ def merge(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
                         for f, p in zip(args.merge, parts)],
         "rows": rows,
         "verdicts": verdicts(summary),
-        "notes": NOTES + [f"Merged from {len(parts)} runs of the same settings that ran at the same time "
-                          "(different --rows); elapsed is the longer one."],
+        "notes": NOTES + [f"Merged from {len(parts)} runs of the same settings (different --rows; each run's date "
+                          "is in merged_from); a row run twice keeps the later file's numbers; elapsed is the longest run."],
     }
     jpath, mpath = write_report(result, Path(args.results_dir))
     print(mpath.read_text())

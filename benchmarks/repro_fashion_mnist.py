@@ -139,6 +139,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# QB-Heat at the default config and one field changed at a time (issue 7's questions about choices the
+# paper leaves open): row key → (label suffix, config overrides). The verdicts are computed for each.
+QBHEAT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qbheat": ("", {}),
+    "qbheat_s32": ("feature stride 32", {"qbheat.feature_stride": 32}),
+    "qbheat_rawpix": ("raw-pixel target", {"qbheat.norm_pix_loss": False}),
+    "qbheat_randcorner": ("random visible corner", {"qbheat.visible_corner": "random"}),
+    "qbheat_dec3": ("3-block decoder", {"qbheat.decoder_depth": 3}),
+}
+
+
 def build_rows(args: argparse.Namespace) -> list[Row]:
     from qbheat.config import PretrainConfig
 
@@ -157,16 +168,8 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
         Row("random", f"random init ({args.model})", "random", args.model),
         Row("supervised", f"supervised reference ({args.model}, labels, same steps)", "supervised", args.model),
         Row("mocov2", f"MoCo-v2 ({args.model})", "ssl", args.model, {"method": "mocov2"}),
-        Row("qbheat", f"QB-Heat ({args.model})", "ssl", args.model, {"method": "qbheat"}),
-        Row("qbheat_s32", f"QB-Heat, feature stride 32 ({args.model})", "ssl", args.model,
-            {"method": "qbheat", "qbheat.feature_stride": 32}),
-        # Issue 7 ablations of choices the paper leaves open (each changes one field of the default):
-        Row("qbheat_rawpix", f"QB-Heat, raw-pixel target ({args.model})", "ssl", args.model,
-            {"method": "qbheat", "qbheat.norm_pix_loss": False}),
-        Row("qbheat_randcorner", f"QB-Heat, random visible corner ({args.model})", "ssl", args.model,
-            {"method": "qbheat", "qbheat.visible_corner": "random"}),
-        Row("qbheat_dec3", f"QB-Heat, 3-block decoder ({args.model})", "ssl", args.model,
-            {"method": "qbheat", "qbheat.decoder_depth": 3}),
+        *(Row(key, f"QB-Heat{', ' + label if label else ''} ({args.model})", "ssl", args.model,
+              {"method": "qbheat", **overrides}) for key, (label, overrides) in QBHEAT_VARIANTS.items()),
         Row("mocov2_msbreg", f"MoCo-v2 + MSBReg ({args.model})", "ssl", args.model, msbreg, 8,
             "msbreg" in REGULARIZERS, "qbheat.regularizers has no 'msbreg'"),
         Row("qbheat_hssl", f"QB-Heat + HSSL ({args.model})", "ssl", args.model, hssl, 8,
@@ -185,15 +188,23 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
 # Per-unit costs (process CPU seconds, 1 thread, mobileformer_micro at 64 px, batch 128), measured on
 # this 2-core machine while it was shared: used only for the printed estimate, which is therefore
 # rough (it has not been checked against a run on an idle machine).
-_STEP_S = {"qbheat": 0.25, "qbheat_s32": 0.25, "qbheat_rawpix": 0.25, "qbheat_randcorner": 0.25, "qbheat_dec3": 0.3, "mocov2": 0.8, "mocov2_msbreg": 1.2, "qbheat_hssl": 0.8, "qbheat_hcnet": 0.6, "supervised": 0.5}
+_STEP_S = {"qbheat": 0.25, "qbheat_dec3": 0.3, "mocov2": 0.8, "mocov2_msbreg": 1.2, "qbheat_hssl": 0.8, "qbheat_hcnet": 0.6,
+           "supervised": 0.5}
+
+
+def _step_s(row: "Row", default: float) -> float:
+    """Per-step cost of a row's pre-training (QB-Heat variants cost what QB-Heat does unless listed)."""
+    key = row.key if row.kind == "ssl" else row.kind
+    if key not in _STEP_S and key in QBHEAT_VARIANTS:
+        key = "qbheat"
+    return _STEP_S.get(key, default)
 _EVAL_S_PER_IMAGE = 0.0015  # feature extraction, classification (64 px) and canvases
 _PROBE_FIXED_S = 45.0  # linear + non-linear + detector training per backbone at the default sizes
 
 
 def estimate_seconds(args: argparse.Namespace, rows: list[Row]) -> float:
     """Rough wall-clock estimate for this machine alone (from the per-unit costs above)."""
-    pre = sum(_STEP_S.get(r.key if r.kind == "ssl" else "supervised", 0.6)
-              for r in rows if r.available and r.kind in ("ssl", "supervised")) * args.steps * args.batch_size / 128
+    pre = sum(_step_s(r, 0.6) for r in rows if r.available and r.kind in ("ssl", "supervised")) * args.steps * args.batch_size / 128
     backbones = sum(1 for r in rows if r.available and r.kind != "raw")
     images = args.train_size + args.test_size + 2.25 * (args.det_train + args.det_val + args.det_test)  # 96 px ≈ 2.25× 64 px
     probe_scale = 0.5 * (args.nl_epochs / 10) * len(args.nl_lrs) / 2 + 0.5 * (args.det_epochs / 10) * len(args.det_lrs) / 2
@@ -379,10 +390,8 @@ def _beats(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def verdicts(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     m, r = summary.get("mocov2"), summary.get("random")
     out = []
-    for q_key, suffix in (("qbheat", ""), ("qbheat_s32", " [variant: QB-Heat with feature stride 32]"),
-                          ("qbheat_rawpix", " [variant: raw-pixel target]"),
-                          ("qbheat_randcorner", " [variant: random visible corner]"),
-                          ("qbheat_dec3", " [variant: 3-block decoder]")):
+    for q_key, (label, _) in QBHEAT_VARIANTS.items():
+        suffix = f" [variant: {label}]" if label else ""
         q = summary.get(q_key)
         if q and r:
             per = {p: _beats(q[p], r[p]) for p in PROTOCOLS}
@@ -598,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import multiprocessing as mp
 
         # Longest tasks first (pre-trained rows), so that the two queues end together.
-        order = sorted(tasks, key=lambda t: -_STEP_S.get(t[0].key if t[0].kind == "ssl" else t[0].kind, 0.0))
+        order = sorted(tasks, key=lambda t: -_step_s(t[0], 0.0))
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(run_task, row, seed, args): (row, seed) for row, seed in order}
             for fut in cf.as_completed(futures):

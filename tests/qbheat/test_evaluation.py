@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from qbheat.errors import QBHeatError
-from qbheat.evaluation.features import (FeatureSet, Preprocessing, extract_features, holdout_split, pool_features,
-                                       recalibrate_untracked_batchnorm)
+from qbheat.evaluation.features import (FeatureSet, Preprocessing, as_uint8_chw, extract_features, holdout_split,
+                                       pool_features, recalibrate_untracked_batchnorm)
 from qbheat.evaluation.knn import knn_predict, run_knn
 from qbheat.evaluation.linear_probe import LinearProbeConfig, fit_linear, run_linear_probe, select_and_fit
 from qbheat.evaluation.nonlinear_probe import NonlinearProbeConfig, predict, run_nonlinear_probe
@@ -209,7 +209,7 @@ def test_recalibration_touches_only_batchnorm_that_pretraining_never_updated():
     pre = Preprocessing(input_size=(3, 64, 64))
     model.train()
     with torch.no_grad():  # "pre-training" that ran only the stem and first blocks
-        model.forward_features(pre(images[:8].unsqueeze(1).expand(-1, 3, -1, -1)))
+        model.forward_features(pre(as_uint8_chw(images[:8])))
     for name, m in model.named_modules():  # pretend only the stem was trained
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith("stem"):
             m.reset_running_stats()
@@ -231,8 +231,7 @@ def test_recalibration_touches_only_batchnorm_that_pretraining_never_updated():
     model.eval()
     with torch.no_grad():
         for start in range(0, 24, 8):
-            model.forward_head(model.forward_features(pre(images[start:start + 8].unsqueeze(1).expand(-1, 3, -1, -1))),
-                               pre_logits=True)
+            model.forward_head(model.forward_features(pre(as_uint8_chw(images[start:start + 8]))), pre_logits=True)
     hook.remove()
     x = torch.cat(seen)
     dims = [0] + list(range(2, x.ndim))

@@ -105,11 +105,11 @@ def make_step(method: str, args, device: torch.device):
     return objective, views, step
 
 
-def step_flops(method: str, args) -> int:
-    """Forward + backward FLOPs of one step on the CPU in float32 (optimizer not counted)."""
+def step_flops(method: str, args, device: torch.device) -> int:
+    """Forward + backward FLOPs of one step in float32, counted on ``device`` (optimizer not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    _, objective, _, _, _, views = build(method, args, torch.device("cpu"))
+    _, objective, _, _, _, views = build(method, args, device)
     with FlopCounterMode(display=False) as counter:
         objective(views)["loss"].backward()
     return int(counter.get_total_flops())
@@ -187,7 +187,7 @@ def measure(args, device: torch.device) -> dict:
         for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
             times[m].append(steps[m]())
     med = {m: statistics.median(times[m]) for m in METHODS}
-    flops = {m: step_flops(m, args) for m in METHODS}
+    flops = {m: step_flops(m, args, device) for m in METHODS}
     ratio = med["qbheat"] / med["mocov2"]
     return {
         "model": args.model,

@@ -11,9 +11,12 @@ pure-torch CPU kernel so ``torch.ops.torchvision.nms`` works. Limits: ``torchvis
 (the Python wrapper) still refuses because it checks that the C++ extension loaded, and
 ``torchvision.io`` image decoding is unavailable; qbheat uses PIL and ``nms`` below instead.
 
-Where torchvision loads normally (its ops already exist), this module does nothing.
+Where torchvision loads normally (its extension loads with this torch), this module does nothing.
 """
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -45,11 +48,27 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 
 
 def _torchvision_ops_missing() -> bool:
+    """True when torchvision's ops are not registered and its own extension cannot register them.
+
+    Before ``import torchvision`` the ops are absent even in a working install (a CUDA machine with
+    the matching torch), so the extension is loaded here the way torchvision loads it: if that
+    works, torchvision's own ``TORCH_LIBRARY`` owns the namespace and defining it here would clash.
+    """
     try:
         torch.ops.torchvision.nms  # noqa: B018  (attribute lookup raises when the op is absent)
         return False
     except (AttributeError, RuntimeError):
+        pass
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
         return True
+    for extension in sorted(Path(spec.submodule_search_locations[0]).glob("_C*.so")):
+        try:
+            torch.ops.load_library(str(extension))
+        except (OSError, RuntimeError):  # CPU torch + CUDA torchvision: CUDA libraries missing
+            return True
+        return False
+    return True
 
 
 def install() -> bool:

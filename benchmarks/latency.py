@@ -38,6 +38,7 @@ import torch
 from timm.utils.model import reparameterize_model
 
 from deploy_targets import fingerprint
+import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
 from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, measure_phase, summarize
 from deploy_targets.runners import get_runner

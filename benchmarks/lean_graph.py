@@ -63,6 +63,7 @@ import torch
 import torch.nn as nn
 from timm.utils.model import reparameterize_model
 
+import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 from qbheat.models.mobileformer import (

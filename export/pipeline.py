@@ -17,7 +17,9 @@ Steps (each printed on stderr with its time):
 5. Calibration images (``--calibration`` or scikit-image photos), parity images (other real crops),
    FP16 guard when an FP16 artifact is requested.
 6. Per format × precision: build, then verify — run at batch 1 and batch 4 against PyTorch
-   (``export.parity``), or check the Core ML spec on Linux. Outside tolerance → stop, delete
+   (``export.parity``), or check the Core ML spec on Linux. On Linux with two or more cores the
+   Core ML builds run in a forked worker beside the other formats (``export.worker``; ``--serial``
+   turns this off); they are verified in the parent like the rest. Outside tolerance → stop, delete
    everything, raise ``ParityError`` — unless ``allow_mismatch``, then the card records it.
 7. ``model_card.json`` with hashes; the temporary folder is renamed into place (atomic).
 """
@@ -67,11 +69,16 @@ class Steps:
         if not self.quiet:
             print(f"[export] {self.i}/{self.total} {what} …", file=sys.stderr, flush=True)
 
-    def done(self, note: str = "") -> None:
-        dt = time.perf_counter() - self.t
+    def done(self, note: str = "", seconds: float | None = None) -> None:
+        """End the step; ``seconds`` overrides the measured time (a step that ran in the worker)."""
+        dt = time.perf_counter() - self.t if seconds is None else seconds
         self.timings[self.what] = round(dt, 2)
         if not self.quiet:
             print(f"[export]     done in {dt:.1f} s{(' — ' + note) if note else ''}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[export] {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,20 +282,22 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         steps.done("skipped (no FP16 artifact requested)")
 
     ctx = _Context(recipe, src, pre, reference, deploy, program, example, calib, check, ref, guard, tmp)
-    artifacts = []
-    for fmt, precision in plan:
-        steps.start(f"{fmt} {precision}")
-        art = BUILDERS[fmt](ctx, precision)
-        try:
-            _verify(ctx, fmt, precision, art)
-        except _Dropped as e:  # --drop-mismatch: this artifact is not shipped, the others are
-            for f in art.get("files") or [{"path": art["path"]}]:
-                ctx.scratch.append(tmp / f["path"])
-            not_built.append({"format": fmt, "precision": precision, "reason": f"parity: {e}"})
-            steps.done(f"DROPPED (outside tolerance): {e}")
-            continue
-        artifacts.append(art)
-        steps.done(_summary(art))
+    artifacts: list[dict] = []
+    worker = _start_coreml_worker(ctx, plan, steps)
+    try:
+        for fmt, precision in plan:
+            if worker is not None and fmt == "coreml":
+                continue
+            steps.start(f"{fmt} {precision}")
+            _ship(ctx, steps, fmt, precision, BUILDERS[fmt](ctx, precision), artifacts, not_built)
+        if worker is not None:
+            for precision, (art, outputs), seconds in worker.results():
+                ctx._coreml_outputs = outputs
+                steps.start(f"coreml {precision}")
+                _ship(ctx, steps, "coreml", precision, art, artifacts, not_built, built_s=seconds)
+    finally:
+        if worker is not None:
+            worker.close()
     if not artifacts:
         raise ParityError("every artifact was outside its tolerance; nothing was written.")
 
@@ -306,6 +315,36 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         shutil.rmtree(extra, ignore_errors=True) if extra.is_dir() else extra.unlink(missing_ok=True)
 
     return _card(ctx, artifacts, not_built, params, macs, steps.timings)
+
+
+def _start_coreml_worker(ctx: "_Context", plan: list[tuple[str, str]], steps: Steps):
+    """Fork a worker for the Core ML builds when other formats can run beside it (see export.worker)."""
+    from export import worker
+
+    jobs = [p for f, p in plan if f == "coreml"]
+    if not (jobs and len(jobs) < len(plan) and ctx.recipe.parallel and worker.can_fork()):
+        return None
+    steps.note(f"coreml {', '.join(jobs)}: building in a parallel worker process")
+    return worker.ForkedBuilds(lambda precision: (_build_coreml(ctx, precision), ctx._coreml_outputs), jobs)
+
+
+def _ship(ctx: "_Context", steps: Steps, fmt: str, precision: str, art: dict, artifacts: list[dict], not_built: list[dict],
+          built_s: float | None = None) -> None:
+    """Verify one built artifact, then keep it, or (``--drop-mismatch``) list it under not_built."""
+    t0 = time.perf_counter()
+    try:
+        _verify(ctx, fmt, precision, art)
+    except _Dropped as e:  # --drop-mismatch: this artifact is not shipped, the others are
+        for f in art.get("files") or [{"path": art["path"]}]:
+            ctx.scratch.append(ctx.tmp / f["path"])
+        not_built.append({"format": fmt, "precision": precision, "reason": f"parity: {e}"})
+        steps.done(f"DROPPED (outside tolerance): {e}")
+        return
+    artifacts.append(art)
+    if built_s is None:
+        steps.done(_summary(art))
+    else:
+        steps.done(f"{_summary(art)} (built in the worker in {built_s:.1f} s)", seconds=built_s + time.perf_counter() - t0)
 
 
 def _summary(art: dict) -> str:

@@ -46,6 +46,7 @@ class ExportRecipe:
     simplify: bool = False  # run onnxslim on the ONNX files (kept only if outputs are unchanged)
     overwrite: bool = False  # replace a non-empty --out folder
     max_batch: int = 64  # upper bound of the dynamic batch (TensorRT profile max, torch.export Dim max)
+    parallel: bool = True  # Linux, ≥ 2 cores: build Core ML in a forked worker beside the other formats
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExportRecipe":

@@ -7,6 +7,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import qbheat  # noqa: E402,F401  (torchvision shim before timm)
+import export  # noqa: E402,F401  (switches OpenVINO/NNCF telemetry off for the tests)
 
 torch.set_num_threads(2)
 

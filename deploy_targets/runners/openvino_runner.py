@@ -17,10 +17,28 @@ from .._errors import QBHeatError
 from . import Runner, _missing
 
 
+def disable_telemetry() -> None:
+    """Switch off OpenVINO's and NNCF's usage telemetry in this process.
+
+    openvino-telemetry sends usage events to Google Analytics unless the user opted out in a consent
+    file under ~/intel: on ``import openvino``, on every ``convert_model`` and from NNCF. On Linux it
+    forks the whole process once per event to make the request (about 40 forks of a 1 GB process per
+    export), and it writes a client ID and a usage counter under ~/intel. qbheat and its bundles make
+    no network calls, so the consent check answers "declined" in this process. The user's consent
+    file is not touched. Must run before ``import openvino`` / ``import nncf``, which read the consent.
+    """
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # no telemetry package: nothing is sent
+        return
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
+
+
 class OpenVinoRunner(Runner):
     runtime = "openvino"
 
     def _load(self, path: Path) -> None:
+        disable_telemetry()
         try:
             import openvino as ov
         except ImportError:

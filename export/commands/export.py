@@ -45,12 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ship the artifacts that pass parity and list the others under not_built (fails only if none passes)")
     p.add_argument("--simplify", action="store_true", default=None, help="run onnxslim (kept only if outputs are unchanged)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out folder")
+    p.add_argument("--serial", dest="parallel", action="store_false", default=None,
+                   help="build every artifact in this process, in order (default on Linux: Core ML in a parallel worker)")
     p.add_argument("--quiet", action="store_true", help="no step lines on stderr")
     p.add_argument("--json", action="store_true", help="print the model card as JSON on stdout")
 
 
 FIELDS = ("checkpoint", "model", "head", "head_variant", "head_type", "num_classes", "formats", "precisions", "calibration",
-          "calibration_count", "image_size", "max_batch", "out", "allow_mismatch", "drop_mismatch", "simplify", "overwrite")
+          "calibration_count", "image_size", "max_batch", "out", "allow_mismatch", "drop_mismatch", "simplify", "overwrite", "parallel")
 
 
 def recipe_from_args(args: argparse.Namespace) -> ExportRecipe:

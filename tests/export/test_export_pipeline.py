@@ -159,3 +159,32 @@ def test_corrupted_artifact_is_rejected_and_nothing_is_left(probe_ckpt, tmp_path
     err = capsys.readouterr().err
     assert "onnx fp32 is outside its tolerance" in err and "nothing was written" in err
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_core_ml_builds_the_same_in_the_parallel_worker_and_with_serial(tmp_path, capsys):
+    from export import worker
+
+    args = ["--model", "mobilenetv3_small_100", "--head", "classifier", "--num-classes", "5", "--formats", "onnx,coreml",
+            "--precision", "fp32,fp16", "--image-size", SIZE, "--calibration-count", "8"]
+    assert main(["export", *args, "--out", str(tmp_path / "parallel")]) == 0
+    said = capsys.readouterr().err
+    assert ("building in a parallel worker process" in said) == worker.can_fork()
+    assert main(["export", *args, "--out", str(tmp_path / "serial"), "--serial"]) == 0
+    assert "parallel worker" not in capsys.readouterr().err
+    cards = {k: read_model_card(tmp_path / k) for k in ("parallel", "serial")}
+    got = {k: {(a["format"], a["precision"]): a for a in c["artifacts"]} for k, c in cards.items()}
+    assert list(got["parallel"]) == list(got["serial"]) == [("onnx", "fp32"), ("onnx", "fp16"), ("coreml", "fp32"), ("coreml", "fp16")]
+    for key in (("coreml", "fp32"), ("coreml", "fp16")):
+        a, b = got["parallel"][key], got["serial"][key]
+        assert a["verified"] == b["verified"] == "spec-only" and a["spec"] == b["spec"] and a["fp32_pinned"] == b["fp32_pinned"]
+        assert (tmp_path / "parallel" / a["path"]).is_dir() and sha256_file(tmp_path / "parallel" / a["path"]) == a["sha256"]
+
+
+def test_a_parity_failure_ends_the_worker_and_leaves_nothing(tmp_path, capsys):
+    args = ["--model", "mobilenetv3_small_100", "--head", "features", "--formats", "onnx,coreml", "--precision", "int8",
+            "--image-size", "32"]
+    assert _export(*args, "--out", str(tmp_path / "q")) == 3  # ONNX INT8 of an uncalibrated net fails while Core ML builds
+    assert "outside its tolerance" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists() and _leftovers(tmp_path) == []
+    children = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
+    assert not [pid for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "qbheat-worker"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from export import backends, parity
+from export import backends, parity, worker
 from export.cli import main
 from export.recipe import ExportRecipe
 from qbheat.checkpoint import save_checkpoint
@@ -322,3 +322,88 @@ def test_doctor_reports_every_format(capsys):
         assert f"  {fmt}" in out
     info = backends.probe()
     assert info["formats"]["onnx"]["can_run"] and info["packages"]["torch"].startswith("2.13")
+
+
+# -- the forked worker that builds Core ML beside the other formats ------------------------------
+
+def _own_name(job):
+    import os
+    import time
+
+    time.sleep(0.05)
+    return job, open(f"/proc/{os.getpid()}/comm").read().strip(), os.getpid()
+
+
+def _raise_value_error(job):
+    raise ValueError(f"job {job} failed")
+
+
+def _raise_user_error(job):
+    raise QBHeatError("calibration folder x has no images.")
+
+
+def _die(job):
+    import os
+
+    os._exit(7)
+
+
+def _sleep_forever(job):
+    import time
+
+    time.sleep(600)
+
+
+fork_only = pytest.mark.skipif(not worker.can_fork(), reason="the worker forks only on Linux with two or more cores")
+
+
+@fork_only
+def test_worker_runs_jobs_in_order_in_one_named_child_process():
+    import os
+
+    w = worker.ForkedBuilds(_own_name, ["fp32", "fp16", "int8"])
+    results = w.results()
+    w.close()
+    assert [job for job, _, _ in results] == ["fp32", "fp16", "int8"]
+    pids = {pid for _, (_, _, pid), _ in results}
+    assert len(pids) == 1 and os.getpid() not in pids
+    assert all(name == worker.WORKER_NAME.decode() and got == job for job, (got, name, _), _ in results)
+    assert all(seconds >= 0.05 for _, _, seconds in results)
+
+
+@fork_only
+def test_worker_errors_come_back_to_the_parent():
+    w = worker.ForkedBuilds(_raise_value_error, ["fp32"])
+    with pytest.raises(RuntimeError, match=r"ValueError: job fp32 failed[\s\S]*in the export worker process[\s\S]*Traceback"):
+        w.results()
+    w.close()
+    w = worker.ForkedBuilds(_raise_user_error, ["fp32"])
+    with pytest.raises(QBHeatError, match=r"^calibration folder x has no images\.$"):
+        w.results()
+    w.close()
+    w = worker.ForkedBuilds(_die, ["fp32"])
+    with pytest.raises(RuntimeError, match="died without a result \\(exit code 7\\)"):
+        w.results()
+    w.close()
+
+
+@fork_only
+def test_closing_a_running_worker_ends_it():
+    w = worker.ForkedBuilds(_sleep_forever, ["fp32"])
+    w.close()
+    assert not w._proc.is_alive() and w._proc.exitcode is not None
+
+
+def test_openvino_telemetry_is_off_in_this_process(tmp_path, monkeypatch):
+    """No usage events: the consent check declines, so importing and converting sends nothing and writes no stats."""
+    pytest.importorskip("openvino_telemetry")
+    from openvino_telemetry import Telemetry
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+    import export  # noqa: F401  (conftest imported it already; importing switches telemetry off)
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # even with no consent file at all, which OpenVINO treats as "send"
+    assert OptInChecker().check(enable_opt_in_dialog=False) == ConsentCheckResult.DECLINED
+    t = Telemetry(app_name="qbheat-test", app_version="0", tid="G-TEST", enable_opt_in_dialog=False)
+    assert t.consent is False
+    assert not (tmp_path / "intel").exists()

@@ -84,6 +84,13 @@ def _child(build: Callable[[Any], Any], jobs: list[Any], send) -> None:
     import torch
 
     _name_process(WORKER_NAME)
+    # The builders' own terminal output (coremltools' progress bars) would interleave with the parent's
+    # step lines; it is discarded. Results and errors, tracebacks included, come back through the pipe.
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)  # native code writing to the file descriptors
+    os.dup2(quiet, 2)
+    os.close(quiet)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # Python code (also where sys.stderr is not fd 2)
     torch.set_num_threads(1)  # the parent's OpenMP pool was not forked with its threads
     try:
         results = []

@@ -348,6 +348,14 @@ def _die(job):
     os._exit(7)
 
 
+def _chatty(job):
+    import sys
+
+    print("progress-bar noise", file=sys.stderr, flush=True)
+    print("stdout noise", flush=True)
+    return job
+
+
 def _sleep_forever(job):
     import time
 
@@ -407,3 +415,12 @@ def test_openvino_telemetry_is_off_in_this_process(tmp_path, monkeypatch):
     t = Telemetry(app_name="qbheat-test", app_version="0", tid="G-TEST", enable_opt_in_dialog=False)
     assert t.consent is False
     assert not (tmp_path / "intel").exists()
+
+
+@fork_only
+def test_worker_output_does_not_reach_the_terminal(capfd):
+    w = worker.ForkedBuilds(_chatty, ["fp32"])
+    assert [job for job, _, _ in w.results()] == ["fp32"]
+    w.close()
+    out, err = capfd.readouterr()
+    assert "noise" not in out + err

@@ -6,9 +6,10 @@ The worker is a ``fork`` of the exporting process, so it inherits the loaded mod
 ExportedProgram and the calibration data with nothing pickled on the way in. Only the build's
 results (the artifact records, plain dicts) come back through a pipe. Verification stays in the parent.
 
-Fork is used only on Linux and only before the parent has loaded ONNX Runtime or OpenVINO (their
-thread pools do not survive a fork). The child limits PyTorch to one thread: a forked OpenMP pool
-must not be reused. macOS (where Core ML prediction runs) and ``--serial`` build everything in order.
+Fork is used only on Linux, before the parent opens any ONNX Runtime or OpenVINO session; the child
+uses only PyTorch and coremltools, and limits PyTorch to one thread (the parent's OpenMP pool is
+not forked with its threads). macOS (where Core ML prediction runs) and ``--serial`` build
+everything in order, in one process.
 """
 from __future__ import annotations
 

@@ -36,8 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from export.worker import WORKER_NAME  # noqa: E402  (the kernel name of the Core ML builder the export forks)
 TARGET_S, TARGET_GB = 90.0, 3.0
-WORKER_NAME = "qbheat-worker"  # export.worker.WORKER_NAME: the Core ML builder the export forks
 
 
 def write_checkpoint(path: Path, name: str, size: int) -> None:
@@ -108,7 +108,7 @@ def run_child(cmd: list[str]) -> dict:
         while not done.is_set():
             peak["kib"] = max(peak["kib"], _vmhwm_kib(proc.pid))
             for pid in _descendants(proc.pid):  # not the short-lived fork+exec helpers: only the named worker
-                if _comm(pid) == WORKER_NAME:
+                if _comm(pid) == WORKER_NAME.decode():
                     worker_peak[pid] = max(worker_peak.get(pid, 0), _vmhwm_kib(pid))
             done.wait(0.2)
 

@@ -37,11 +37,12 @@ import qbheat  # noqa: F401  (torchvision shim before timm)
 import torch
 from timm.utils.model import reparameterize_model
 
-from deploy_targets import fingerprint
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
+from deploy_targets import fingerprint
 from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, measure_phase, summarize
 from deploy_targets.runners import get_runner
+from lean_graph import INT8_SCOPES  # benchmarks/lean_graph.py: the same 'convs' scope measured there
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             # 'convs': NNCF's default also quantises the ~100 token MatMuls and the attention; on this
             # AVX2 CPU that ran slower than f32 (0.78×) and, with O(1) activations, broke parity
             # (cosine 0.66); convolutions only kept cosine ≥ 0.999 (benchmarks/results/lean_graph.md).
-            scope = (nncf.IgnoredScope(types=["MatMul", "Softmax", "MVN", "Multiply", "Maximum", "Add"], validate=False)
+            scope = (nncf.IgnoredScope(types=INT8_SCOPES["convs"]["ignored_scope"], validate=False)
                      if args.int8_scope == "convs" else None)
             q = nncf.quantize(ov_model, nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]), subset_size=len(calib),
                               **({"ignored_scope": scope} if scope else {}))

@@ -198,6 +198,8 @@ def _step_s(row: "Row", default: float) -> float:
     if key not in _STEP_S and key in QBHEAT_VARIANTS:
         key = "qbheat"
     return _STEP_S.get(key, default)
+
+
 _EVAL_S_PER_IMAGE = 0.0015  # feature extraction, classification (64 px) and canvases
 _PROBE_FIXED_S = 45.0  # linear + non-linear + detector training per backbone at the default sizes
 

@@ -19,6 +19,7 @@ On macOS ``runner`` predicts and parity is checked like the other formats.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -103,7 +104,8 @@ def convert(program, pre, input_name: str, output_names: tuple[str, ...], precis
                          compute_precision=compute, minimum_deployment_target=getattr(ct.target, MINIMUM_DEPLOYMENT_TARGET),
                          skip_model_load=sys.platform != "darwin", **kwargs)
     if precision == "int8":
-        mlmodel = quantize_weights_int8(mlmodel)
+        fp16, mlmodel = mlmodel, quantize_weights_int8(mlmodel)
+        discard(fp16)
     mlmodel.author = metadata.get("author", "qbheat-export")
     mlmodel.short_description = metadata.get("description", "")
     mlmodel.version = metadata.get("version", "")
@@ -125,6 +127,18 @@ def quantize_weights_int8(mlmodel):
 def set_metadata(mlmodel, metadata: dict[str, str]) -> None:
     for k, v in metadata.items():
         mlmodel.user_defined_metadata[str(k)] = str(v)
+
+
+def discard(mlmodel) -> None:
+    """Delete the temporary .mlpackage an in-memory ML Program lives in.
+
+    coremltools removes it only at interpreter exit (an ``atexit`` hook), which a forked export
+    worker never runs (it ends with ``os._exit``), so every build there would leave a package in
+    the temporary folder. The model must not be used afterwards.
+    """
+    path = getattr(mlmodel, "package_path", None)
+    if getattr(mlmodel, "is_temp_package", False) and path and os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def save(mlmodel, path: str | os.PathLike) -> Path:

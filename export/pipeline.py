@@ -510,6 +510,8 @@ def _build_coreml(ctx: _Context, precision: str) -> dict:
     cached_fp16 = getattr(ctx, "_coreml_fp16", None)
     if precision == "int8" and cached_fp16 is not None:  # same program, weights quantised: no second conversion
         mlmodel = coreml_format.quantize_weights_int8(cached_fp16[0])
+        coreml_format.discard(cached_fp16[0])
+        del ctx._coreml_fp16
         coreml_format.set_metadata(mlmodel, {**ctx.metadata, "precision": precision})
         fp32_ops = list(cached_fp16[1])
     else:
@@ -518,6 +520,8 @@ def _build_coreml(ctx: _Context, precision: str) -> dict:
         if precision == "fp16" and "int8" in ctx.recipe.precisions:
             ctx._coreml_fp16 = (mlmodel, list(fp32_ops))
     path = coreml_format.save(mlmodel, ctx.path("coreml", f"model.{precision}.mlpackage"))
+    if getattr(ctx, "_coreml_fp16", (None,))[0] is not mlmodel:  # the FP16 model kept for INT8 is discarded after it
+        coreml_format.discard(mlmodel)
     notes = [f"ML Program, minimum deployment target {coreml_format.MINIMUM_DEPLOYMENT_TARGET}; input: RGB image, "
              f"normalisation in ImageType scale/bias + per-channel factor"]
     if labels is not None:

@@ -161,9 +161,14 @@ def test_corrupted_artifact_is_rejected_and_nothing_is_left(probe_ckpt, tmp_path
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-def test_core_ml_builds_the_same_in_the_parallel_worker_and_with_serial(tmp_path, capsys):
+def test_core_ml_builds_the_same_in_the_parallel_worker_and_with_serial(tmp_path, capsys, monkeypatch):
+    import tempfile
+
     from export import worker
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # coremltools' in-memory packages go here (the worker forks it)
     args = ["--model", "mobilenetv3_small_100", "--head", "classifier", "--num-classes", "5", "--formats", "onnx,coreml",
             "--precision", "fp32,fp16", "--image-size", SIZE, "--calibration-count", "8"]
     assert main(["export", *args, "--out", str(tmp_path / "parallel")]) == 0
@@ -178,6 +183,7 @@ def test_core_ml_builds_the_same_in_the_parallel_worker_and_with_serial(tmp_path
         a, b = got["parallel"][key], got["serial"][key]
         assert a["verified"] == b["verified"] == "spec-only" and a["spec"] == b["spec"] and a["fp32_pinned"] == b["fp32_pinned"]
         assert (tmp_path / "parallel" / a["path"]).is_dir() and sha256_file(tmp_path / "parallel" / a["path"]) == a["sha256"]
+    assert not list(scratch.glob("*.mlpackage"))  # the worker exits without atexit hooks: packages are deleted explicitly
 
 
 def test_a_parity_failure_ends_the_worker_and_leaves_nothing(tmp_path, capsys):

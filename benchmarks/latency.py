@@ -42,6 +42,7 @@ from deploy_targets import fingerprint
 from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, measure_phase, summarize
 from deploy_targets.runners import get_runner
+from deploy_targets.runners.openvino_runner import shared_core
 from lean_graph import INT8_SCOPES  # benchmarks/lean_graph.py: the same 'convs' scope measured there
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             import openvino as ov
 
             t0 = time.perf_counter()
-            ov_model = ov.Core().read_model(str(work / f"{name}_lean.onnx"))
+            ov_model = shared_core().read_model(str(work / f"{name}_lean.onnx"))
             # 'convs': NNCF's default also quantises the ~100 token MatMuls and the attention; on this
             # AVX2 CPU that ran slower than f32 (0.78×) and, with O(1) activations, broke parity
             # (cosine 0.66); convolutions only kept cosine ≥ 0.999 (benchmarks/results/lean_graph.md).

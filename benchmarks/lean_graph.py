@@ -64,6 +64,7 @@ import torch.nn as nn
 from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
+from deploy_targets.runners.openvino_runner import shared_core
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 from qbheat.models.mobileformer import (
@@ -164,7 +165,7 @@ class OpenVinoRunner:
     def __init__(self, onnx_path: Path, threads: int, perf_count: bool = False):
         import openvino as ov
 
-        core = ov.Core()  # the ONNX file read directly: no fp16 weight compression on the way
+        core = shared_core()  # the ONNX file read directly: no fp16 weight compression on the way
         self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", ov_config(threads, perf_count))
         self.request = self.compiled.create_infer_request()
 
@@ -226,10 +227,10 @@ def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "O
         kw["model_type"] = nncf.ModelType[kw["model_type"]]
     if "ignored_scope" in kw:
         kw["ignored_scope"] = nncf.IgnoredScope(types=kw["ignored_scope"], validate=False)
-    q = nncf.quantize(ov.Core().read_model(str(path)), nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
+    q = nncf.quantize(shared_core().read_model(str(path)), nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
                       subset_size=len(calib), **kw)
     runner = OpenVinoRunner.__new__(OpenVinoRunner)
-    runner.compiled = ov.Core().compile_model(q, "CPU", ov_config(threads))
+    runner.compiled = shared_core().compile_model(q, "CPU", ov_config(threads))
     runner.request = runner.compiled.create_infer_request()
     runner.quantised_ops = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
     return runner

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy_targets.runners.openvino_runner import shared_core
+
 PARITY_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 DETECTOR_IGNORED_TYPES = ["Multiply", "Subtract", "Add", "Divide", "Sigmoid", "Sqrt", "Maximum", "Minimum", "Clamp"]
 
@@ -71,10 +73,7 @@ def quantize_int8(model, images: np.ndarray, detector: bool):
 
 def runner(xml_path: str | os.PathLike, threads: int = 2):
     """A function image batch → list of outputs, compiled for CPU with the f32 precision hint."""
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(str(xml_path), "CPU", {**PARITY_CONFIG, "INFERENCE_NUM_THREADS": threads})
+    compiled = shared_core().compile_model(str(xml_path), "CPU", {**PARITY_CONFIG, "INFERENCE_NUM_THREADS": threads})
     outputs = list(compiled.outputs)
 
     def run(x: np.ndarray) -> list[np.ndarray]:
@@ -85,9 +84,7 @@ def runner(xml_path: str | os.PathLike, threads: int = 2):
 
 
 def read_metadata(xml_path: str | os.PathLike) -> dict[str, str]:
-    import openvino as ov
-
-    model = ov.Core().read_model(str(xml_path))
+    model = shared_core().read_model(str(xml_path))
     if not model.has_rt_info(["model_info"]):
         return {}
     keys = list(model.get_rt_info()["model_info"])

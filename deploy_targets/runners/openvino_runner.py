@@ -34,6 +34,26 @@ def disable_telemetry() -> None:
     OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
 
 
+_CORE = None
+
+
+def shared_core():
+    """This process's one ``openvino.Core``, created on first use (telemetry switched off first).
+
+    Every OpenVINO user in qbheat (runners, export, parity, benchmarks) takes its Core from here.
+    A Core loads the device plugins, so one per process is also what OpenVINO recommends, and
+    OpenVINO 2026 builds have crashed when a process created a second one
+    (openvinotoolkit/openvino#35338). Raises ImportError when OpenVINO is not installed.
+    """
+    global _CORE
+    if _CORE is None:
+        disable_telemetry()
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
 class OpenVinoRunner(Runner):
     runtime = "openvino"
 
@@ -44,7 +64,7 @@ class OpenVinoRunner(Runner):
         except ImportError:
             raise _missing("openvino", "openvino", "openvino") from None
         self._ov = ov
-        core = ov.Core()
+        core = shared_core()
         device = self.options.get("device", "CPU")
         if device not in core.available_devices:
             raise QBHeatError(f"OpenVINO here has no device {device!r}; available: {core.available_devices}.")
@@ -83,7 +103,7 @@ class OpenVinoRunner(Runner):
         return {name: np.array(result[port]) for port, name in self._outputs}
 
     def _describe(self) -> dict[str, Any]:
-        core = self._ov.Core()
+        core = shared_core()
         return {"runtime_version": self._ov.get_version(), "device": self._device,
                 "device_name": core.get_property(self._device, "FULL_DEVICE_NAME"),
                 "inference_precision": self._hint}

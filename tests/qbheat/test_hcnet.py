@@ -12,6 +12,7 @@ import qbheat  # noqa: F401  (shim before timm)
 import timm
 
 from qbheat.data.samples import sample_images
+from deploy_targets.runners.openvino_runner import shared_core
 from qbheat.errors import QBHeatError
 from qbheat.models import create_model, multiscale_features
 from qbheat.models.hcnet import HCNET_CONFIGS, HcNetConfig, HeatConduction, RefinementApproximation
@@ -221,7 +222,7 @@ def test_export_dynamic_batch_onnxruntime_and_openvino(tmp_path):
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] == "batch"  # not fixed to the example's 2
-    core = ov.Core()
+    core = shared_core()
     compiled = {
         "openvino(ExportedProgram)": core.compile_model(ov.convert_model(exported), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
         "openvino(onnx)": core.compile_model(ov.convert_model(str(onnx_path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),

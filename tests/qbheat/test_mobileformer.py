@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import timm
 from torch.utils.flop_counter import FlopCounterMode
 
+from deploy_targets.runners.openvino_runner import shared_core
 from qbheat.errors import QBHeatError
 from qbheat.models import create_model, multiscale_features, spatial_features
 from qbheat.models.mobileformer import (
@@ -261,7 +262,7 @@ def test_onnxruntime_round_trip_dynamic_batch(exported_26m, tmp_path):
 def test_openvino_f32_round_trip_dynamic_batch(exported_26m):
     ov = pytest.importorskip("openvino")
     model, ep = exported_26m
-    compiled = ov.Core().compile_model(ov.convert_model(ep), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = shared_core().compile_model(ov.convert_model(ep), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     _check(model, lambda x: compiled(x)[0])
 
 

@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/latency.py [--rounds 3] [--min-seconds 1.0] [--out-dir benchmarks/results]
 
 At 224×224, batch 1, 2 threads, for each model: PyTorch eager (``inference_mode``), ONNX Runtime
-fp32, OpenVINO f32 (the f32 hint: this CPU would otherwise run bf16), each for the *plain* export and
+fp32, OpenVINO f32 (the f32 hint: this CPU would otherwise run bf16; compiled for a static batch of 1,
+as ``deploy_targets``' runner does, with the dynamic-batch compile timed beside it for the lean graphs),
+each for the *plain* export and
 the *lean* one (after ``timm.utils.model.reparameterize_model``, which Mobile-Former's ``fuse()``
 hooks into), plus OpenVINO INT8 (NNCF post-training quantisation of the lean graph, calibrated on
 natural images) for Mobile-Former. Every configuration is measured with
@@ -115,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             count = count_onnx(path)
             graphs[f"{name} {variant}"] = {k: count[k] for k in ("nodes", "macs", "flops", "params", "size_bytes")}
             graphs[f"{name} {variant}"]["top_ops"] = dict(list(count["nodes_by_op"].items())[:8])
-            for runtime, label in (("onnxruntime", "ORT fp32"), ("openvino", "OV f32")):
-                r = get_runner(runtime, threads=args.threads, precision="fp32").load(path)
+            runs = [("onnxruntime", "ORT fp32", {}), ("openvino", "OV f32", {})]
+            if variant == "lean":  # the runner's former default, for the static-shape compile's effect
+                runs.append(("openvino", "OV f32 dynamic-batch", {"static_shapes": False}))
+            for runtime, label, options in runs:
+                r = get_runner(runtime, threads=args.threads, precision="fp32", **options).load(path, batch=1)
                 out = np.concatenate([next(iter(r.run({"x": check[i:i + 1]}).values())) for i in range(len(check))])
                 parities[f"{name} {variant} {label} vs PyTorch"] = parity(ref, out)
                 configs[f"{name} | {label} {variant}"] = (lambda r=r: r.run({"x": x1}))
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                               **({"ignored_scope": scope} if scope else {}))
             ov.save_model(q, str(work / f"{name}_int8.xml"), compress_to_fp16=False)
             print(f"NNCF INT8 in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            r = get_runner("openvino", threads=args.threads, precision="int8").load(work / f"{name}_int8.xml")
+            r = get_runner("openvino", threads=args.threads, precision="int8").load(work / f"{name}_int8.xml", batch=1)
             out = np.concatenate([next(iter(r.run({"x": check[i:i + 1]}).values())) for i in range(len(check))])
             parities[f"{name} OV INT8 vs PyTorch"] = parity(ref, out)
             configs[f"{name} | OV INT8 lean"] = (lambda r=r: r.run({"x": x1}))
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ("plain", "lean"):
         ratios[f"mf_over_mnv3_ort ({variant})"] = best(mf, variant, "ORT fp32") / best(peer, variant, "ORT fp32")
         ratios[f"mf_over_mnv3_ov_f32 ({variant})"] = best(mf, variant, "OV f32") / best(peer, variant, "OV f32")
+    ratios["mf_over_mnv3_ov_f32 (lean, dynamic batch)"] = best(mf, "lean", "OV f32 dynamic-batch") / best(peer, "lean", "OV f32 dynamic-batch")
+    ratios["mf_ov_f32_lean_static_speedup_vs_dynamic_batch"] = best(mf, "lean", "OV f32 dynamic-batch") / best(mf, "lean", "OV f32")
     exported = {k: v for k, v in p50.items() if k.startswith(f"{mf} |") and "eager" not in k}
     best_key = min(exported, key=exported.get)
     ratios["best_exported_speedup_vs_eager"] = p50[f"{mf} | eager"] / exported[best_key]

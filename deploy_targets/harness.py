@@ -133,7 +133,7 @@ def bench_artifact(artifact: dict[str, Any], runtime: str, cfg: ProtocolConfig, 
         state: dict[str, Any] = {}
 
         def load() -> None:
-            runner.load(path)
+            runner.load(path, batch=conf["batch"])
             state["crop"] = pp.decode_and_crop(image_bytes, prep) if image_bytes is not None else None
             state["inputs"] = model_inputs(runner, conf["batch"], input_size, image=state["crop"])
 

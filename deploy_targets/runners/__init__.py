@@ -65,12 +65,16 @@ class Runner:
         self.precision = precision
         self.options = options
         self.path: Path | None = None
+        self.batch: int | None = None
 
-    def load(self, path: str | Path) -> "Runner":
+    def load(self, path: str | Path, batch: int | None = None) -> "Runner":
+        """Load the artifact. ``batch``: the batch this runner is about to be timed at; a runtime that
+        runs faster with static shapes (OpenVINO) compiles for it, other runtimes ignore it."""
         path = Path(path)
         if not path.exists():
             raise QBHeatError(f"artifact {path} does not exist; pass a file written by 'qbheat-export export'.")
         self.path = path
+        self.batch = batch
         self._load(path)
         return self
 

@@ -80,16 +80,18 @@ class OpenVinoRunner(Runner):
             config["NUM_STREAMS"] = "1"
             if self.threads:
                 config["INFERENCE_NUM_THREADS"] = self.threads
+        self._core, self._config, self._device = core, config, device
         try:
-            model = core.read_model(str(path))
-            self.compiled = core.compile_model(model, device, config)
+            self._model = core.read_model(str(path))
+            self.static_shape = self._static_shape(self.batch)
+            self.compiled = self._compile(self.static_shape)
         except Exception as e:  # noqa: BLE001 (OpenVINO raises RuntimeError with long C++ text)
             raise QBHeatError(f"OpenVINO could not load {path}: {str(e).splitlines()[0]}") from None
         self.request = self.compiled.create_infer_request()
-        self._device = device
+        self._by_shape = {self.static_shape: self.request} if self.static_shape else {}
         hint_value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self._hint = hint_value.get_type_name() if hasattr(hint_value, "get_type_name") else str(hint_value)
-        self._outputs = [(o, o.get_any_name()) for o in self.compiled.outputs]
+        self._outputs = [o.get_any_name() for o in self.compiled.outputs]
 
     def inputs(self) -> list[dict[str, Any]]:
         out = []
@@ -98,15 +100,45 @@ class OpenVinoRunner(Runner):
             out.append({"name": i.get_any_name(), "shape": shape, "dtype": str(i.get_element_type())})
         return out
 
+    def _static_shape(self, batch: int | None) -> tuple[int, ...] | None:
+        """The single input's shape with its batch set to ``batch``, where only the batch is dynamic.
+
+        OpenVINO's CPU plugin runs a model compiled for static shapes faster than one with a dynamic
+        batch (shape inference and memory planning at every inference: MF-294M 10.9 → 9.4 ms at batch 1
+        here). The profile option ``static_shapes = false`` keeps the dynamic model.
+        """
+        if batch is None or not self.options.get("static_shapes", True) or len(self._model.inputs) != 1:
+            return None
+        dims = list(self._model.inputs[0].get_partial_shape())
+        if not dims or dims[0].is_static or not all(d.is_static for d in dims[1:]):
+            return None
+        return (int(batch), *(d.get_length() for d in dims[1:]))
+
+    def _compile(self, shape: tuple[int, ...] | None):
+        model = self._model
+        if shape is not None:
+            model = self._model.clone()
+            model.reshape({model.inputs[0]: self._ov.PartialShape(list(shape))})
+        return self._core.compile_model(model, self._device, self._config)
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self.request.infer(inputs)
-        return {name: np.array(result[port]) for port, name in self._outputs}
+        request = self.request
+        if self.static_shape is not None:
+            shape = tuple(next(iter(inputs.values())).shape)
+            if shape != self.static_shape:  # e.g. golden checks one image at a time: compile once for that shape
+                if shape not in self._by_shape:
+                    self._by_shape[shape] = self._compile(shape).create_infer_request()
+                request = self._by_shape[shape]
+        result = request.infer(inputs).to_tuple()  # in output order, whichever compiled model ran
+        return {name: np.array(value) for name, value in zip(self._outputs, result)}
 
     def _describe(self) -> dict[str, Any]:
         core = shared_core()
         return {"runtime_version": self._ov.get_version(), "device": self._device,
                 "device_name": core.get_property(self._device, "FULL_DEVICE_NAME"),
-                "inference_precision": self._hint}
+                "inference_precision": self._hint,
+                "input_shape": list(self.static_shape) if self.static_shape else "dynamic"}
 
     def close(self) -> None:
-        self.request = self.compiled = None
+        self.request = self.compiled = self._model = None
+        self._by_shape = {}

@@ -36,6 +36,19 @@ def test_cpu_runners_match_pytorch_at_two_batches(export_dir, tiny_model, runtim
         assert info["inference_precision"] == "f32"  # never the CPU's silent bf16
 
 
+def test_openvino_compiles_for_the_timed_batch_and_still_runs_others(export_dir, tiny_model):
+    x = np.random.default_rng(2).standard_normal((4, 3, SIZE, SIZE), dtype=np.float32)
+    static = get_runner("openvino", threads=1).load(export_dir / "model.xml", batch=4)
+    assert static.inputs()[0]["shape"] == [4, 3, SIZE, SIZE] and static.describe()["input_shape"] == [4, 3, SIZE, SIZE]
+    np.testing.assert_allclose(next(iter(static.run({"x": x}).values())), _reference(tiny_model, x), atol=1e-5)
+    one = next(iter(static.run({"x": x[:1]}).values()))  # another shape compiles on first use (golden checks)
+    np.testing.assert_allclose(one, _reference(tiny_model, x[:1]), atol=1e-5)
+    dynamic = get_runner("openvino", threads=1, static_shapes=False).load(export_dir / "model.xml", batch=4)
+    assert dynamic.inputs()[0]["shape"][0] == "dynamic" and dynamic.describe()["input_shape"] == "dynamic"
+    unknown = get_runner("openvino", threads=1).load(export_dir / "model.xml")  # no batch given: stays dynamic
+    assert unknown.inputs()[0]["shape"][0] == "dynamic"
+
+
 def test_missing_artifact_and_unknown_runtime_are_user_errors(tmp_path):
     with pytest.raises(QBHeatError, match="does not exist"):
         get_runner("onnxruntime").load(tmp_path / "nope.onnx")

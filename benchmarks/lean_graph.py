@@ -8,7 +8,8 @@ What it does, in one process:
      Linear weights re-drawn so that activations are O(1) and parity numbers mean something), and
      five forms of the Mobile-Former: the plain (training-form) model, then the ``fuse()`` rewrites
      applied cumulatively one family at a time (``qbheat.models.mobileformer.fuse_modules``):
-     Mobile sub-blocks (BN folded, one DyReLU MLP per block, hsigmoid constants folded), the two
+     Mobile sub-blocks and the lite block (BN folded, one DyReLU MLP per block, hsigmoid constants
+     folded, depthwise convs with a channel multiplier split into plain ones), the two
      bridges (head-batched attention without feature-map transposes, scales folded), the Former
      (head-batched attention), the merge classifier (BN folded). The last stage is what
      ``timm.utils.model.reparameterize_model`` gives, and the script checks that it is;
@@ -70,6 +71,7 @@ from qbheat.models import create_model
 from qbheat.models.mobileformer import (
     Former,
     FormerToMobile,
+    LiteBottleneck,
     MergeClassifier,
     MobileBottleneck,
     MobileDownsample,
@@ -85,7 +87,7 @@ PARITY_RTOL = 1e-4
 # Cumulative rewrite stages: (label, module families fused at this stage).
 STAGES = [
     ("plain", ()),
-    ("+ mobile (BN fold, one DyReLU MLP, constants)", (MobileBottleneck, MobileDownsample)),
+    ("+ mobile (BN fold, one DyReLU MLP, constants, split depthwise)", (LiteBottleneck, MobileBottleneck, MobileDownsample)),
     ("+ bridges (one projection per side, constants folded)", (MobileToFormer, FormerToMobile)),
     ("+ former (scale folded)", (Former,)),
     ("+ head (BN fold) = fuse()", (MergeClassifier,)),
@@ -163,8 +165,6 @@ def ov_config(threads: int, perf_count: bool = False) -> dict:
 
 class OpenVinoRunner:
     def __init__(self, onnx_path: Path, threads: int, perf_count: bool = False):
-        import openvino as ov
-
         core = shared_core()  # the ONNX file read directly: no fp16 weight compression on the way
         self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", ov_config(threads, perf_count))
         self.request = self.compiled.create_infer_request()
@@ -218,7 +218,6 @@ def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "O
     import logging
 
     import nncf
-    import openvino as ov
     from nncf.common.logging import nncf_logger
 
     nncf_logger.setLevel(logging.WARNING)

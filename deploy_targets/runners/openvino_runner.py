@@ -88,7 +88,8 @@ class OpenVinoRunner(Runner):
         except Exception as e:  # noqa: BLE001 (OpenVINO raises RuntimeError with long C++ text)
             raise QBHeatError(f"OpenVINO could not load {path}: {str(e).splitlines()[0]}") from None
         self.request = self.compiled.create_infer_request()
-        self._by_shape = {self.static_shape: self.request} if self.static_shape else {}
+        # shape -> (compiled model, its request); the compiled model is kept with its request
+        self._by_shape = {self.static_shape: (self.compiled, self.request)} if self.static_shape else {}
         hint_value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self._hint = hint_value.get_type_name() if hasattr(hint_value, "get_type_name") else str(hint_value)
         self._outputs = [o.get_any_name() for o in self.compiled.outputs]
@@ -127,8 +128,9 @@ class OpenVinoRunner(Runner):
             shape = tuple(next(iter(inputs.values())).shape)
             if shape != self.static_shape:  # e.g. golden checks one image at a time: compile once for that shape
                 if shape not in self._by_shape:
-                    self._by_shape[shape] = self._compile(shape).create_infer_request()
-                request = self._by_shape[shape]
+                    compiled = self._compile(shape)
+                    self._by_shape[shape] = (compiled, compiled.create_infer_request())
+                request = self._by_shape[shape][1]
         result = request.infer(inputs).to_tuple()  # in output order, whichever compiled model ran
         return {name: np.array(value) for name, value in zip(self._outputs, result)}
 

@@ -271,7 +271,7 @@ def test_openvino_f32_round_trip_dynamic_batch(exported_26m):
 def test_fuse_keeps_the_function_and_leaves_the_training_model_alone(name):
     from timm.utils.model import reparameterize_model
 
-    from qbheat.models.mobileformer import LeanFormer, LeanFormerToMobile, LeanMobile, LeanMobileToFormer
+    from qbheat.models.mobileformer import LeanFormer, LeanFormerToMobile, LeanMobile, LeanMobileToFormer, SplitDepthwise
 
     model = _realistic(create_model(name))
     x = torch.randn(3, 3, SMALL, SMALL)
@@ -283,6 +283,10 @@ def test_fuse_keeps_the_function_and_leaves_the_training_model_alone(name):
     assert {LeanMobileToFormer, LeanFormer, LeanFormerToMobile, LeanMobile} <= kinds
     assert not any(type(m).__name__ in ("MobileToFormer", "Former", "FormerToMobile", "DynamicReLU") for m in lean.modules())
     assert any(isinstance(m, MobileToFormer) for m in model.modules())  # the original keeps its training form
+    # Depthwise convs with a channel multiplier are split, except behind MF-26M's channel shuffles.
+    multiplier = [m for m in lean.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels < m.out_channels]
+    splits = [m for m in lean.modules() if isinstance(m, SplitDepthwise)]
+    assert (not multiplier and len(splits) >= 3) if name != "mobileformer_26m" else (multiplier and not splits)
     for a, b in ((out, ref), (lean_map, ref_map), (lean_tokens, ref_tokens)):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
     assert ref.abs().max() > 0.1

@@ -105,8 +105,8 @@ class OpenVinoRunner(Runner):
         """The single input's shape with its batch set to ``batch``, where only the batch is dynamic.
 
         OpenVINO's CPU plugin runs a model compiled for static shapes faster than one with a dynamic
-        batch (shape inference and memory planning at every inference: MF-294M 10.9 → 9.4 ms at batch 1
-        here). The profile option ``static_shapes = false`` keeps the dynamic model.
+        batch (shape inference and memory planning at every inference: MF-294M 1.26-1.32× faster at batch
+        1 here, benchmarks/results/latency.md). The profile option ``static_shapes = false`` keeps the dynamic model.
         """
         if batch is None or not self.options.get("static_shapes", True) or len(self._model.inputs) != 1:
             return None

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -41,7 +43,11 @@ class ForkedBuilds:
     def __init__(self, build: Callable[[Any], Any], jobs: list[Any]):
         mp = multiprocessing.get_context("fork")
         self._recv, send = mp.Pipe(duplex=False)
-        self._proc = mp.Process(target=_child, args=(build, jobs, send), name="qbheat-export-worker", daemon=True)
+        # The child's temporary files (coremltools' in-memory packages) go to a folder of its own, which
+        # the parent deletes however the child ends (a killed child cleans up nothing itself).
+        self._scratch = tempfile.mkdtemp(prefix="qbheat_worker_")
+        self._proc = mp.Process(target=_child, args=(build, jobs, send, self._scratch), name="qbheat-export-worker",
+                                daemon=True)
         self._proc.start()
         send.close()  # the parent keeps only the reading end, so a dead child gives EOF instead of a hang
 
@@ -54,6 +60,7 @@ class ForkedBuilds:
         finally:
             self._recv.close()
         self._proc.join()
+        shutil.rmtree(self._scratch, ignore_errors=True)
         if message[0] == "error":
             _, kind, text, trace = message
             if kind == "QBHeatError":
@@ -66,6 +73,7 @@ class ForkedBuilds:
             self._proc.terminate()
         self._proc.join()
         self._recv.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 WORKER_NAME = b"qbheat-worker"  # the kernel's process name (comm) of the worker, for tools that watch it
@@ -81,10 +89,11 @@ def _name_process(name: bytes) -> None:
         pass
 
 
-def _child(build: Callable[[Any], Any], jobs: list[Any], send) -> None:
+def _child(build: Callable[[Any], Any], jobs: list[Any], send, scratch: str) -> None:
     import torch
 
     _name_process(WORKER_NAME)
+    tempfile.tempdir = scratch
     # The builders' own terminal output (coremltools' progress bars) would interleave with the parent's
     # step lines; it is discarded. Results and errors, tracebacks included, come back through the pipe.
     quiet = os.open(os.devnull, os.O_WRONLY)

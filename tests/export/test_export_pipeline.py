@@ -186,11 +186,17 @@ def test_core_ml_builds_the_same_in_the_parallel_worker_and_with_serial(tmp_path
     assert not list(scratch.glob("*.mlpackage"))  # the worker exits without atexit hooks: packages are deleted explicitly
 
 
-def test_a_parity_failure_ends_the_worker_and_leaves_nothing(tmp_path, capsys):
+def test_a_parity_failure_ends_the_worker_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the worker's scratch folder is made
     args = ["--model", "mobilenetv3_small_100", "--head", "features", "--formats", "onnx,coreml", "--precision", "int8",
             "--image-size", "32"]
     assert _export(*args, "--out", str(tmp_path / "q")) == 3  # ONNX INT8 of an uncalibrated net fails while Core ML builds
     assert "outside its tolerance" in capsys.readouterr().err
     assert not (tmp_path / "q").exists() and _leftovers(tmp_path) == []
+    assert list(scratch.iterdir()) == []  # the killed worker's temporary Core ML package went with its folder
     children = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
     assert not [pid for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "qbheat-worker"]

@@ -21,7 +21,6 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (OpenVINO telemetry off before openvino is imported)
 from deploy_targets import fingerprint
+from deploy_targets.protocol import ProtocolConfig, timed_runs, warmup
 from deploy_targets.runners import get_runner
 from lean_graph import export_onnx, images, onnx_nodes, realistic  # benchmarks/lean_graph.py
 from qbheat.models import create_model
@@ -135,16 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                 runner = get_runner(runtime, threads=args.threads, precision="fp32").load(path, batch=1)
                 configs[(label, runtime)] = (lambda r=runner: r.run({"x": x}))
             print(f"exported {label}: {nodes[label]} ONNX nodes", file=sys.stderr)
+        # The protocol's warmup and timed loops, by count only (no time minimum): args.runs per round.
+        cfg = ProtocolConfig(warmup_runs=args.warmup, warmup_seconds=0.0, min_runs=args.runs, min_seconds=0.0)
         for fn in configs.values():
-            for _ in range(args.warmup):
-                fn()
+            warmup(fn, cfg)
         samples = {k: [] for k in configs}
         for rnd in range(args.rounds):
             for k, fn in configs.items():
-                for _ in range(args.runs):
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[k].append((time.perf_counter() - t0) * 1e3)
+                samples[k] += timed_runs(fn, cfg)
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     stats = {k: {"p50": float(np.median(v)), "min": float(np.min(v)), "n": len(v)} for k, v in samples.items()}
     rows = []

@@ -10,8 +10,10 @@ function; they are lower bounds for what any rewrite of the kept parts can reach
 MobileNetV3-L are exported the same way (``torch.onnx.export(dynamo=True)``, dynamic batch), then timed at
 224², batch 1, ``--threads`` threads, on ONNX Runtime (spinning on) and OpenVINO CPU (f32 hint, LATENCY,
 one stream, compiled for batch 1), all in interleaved rounds so load bursts on a shared machine hit every
-configuration alike. Prints and records (``latency_floor.json`` / ``.md``) p50 and minimum per graph and
-runtime and each graph's ratio to MobileNetV3-L.
+configuration alike (``protocol.timed_interleaved``: each turn starts with 2 untimed runs and ends
+with a ``--settle`` pause, so one session's spinning threads do not slow the next). Prints and
+records (``latency_floor.json`` / ``.md``) p50 and minimum per graph and runtime and each graph's
+ratio to MobileNetV3-L.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (OpenVINO telemetry off before openvino is imported)
 from deploy_targets import fingerprint
-from deploy_targets.protocol import ProtocolConfig, timed_runs, warmup
+from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
 from lean_graph import export_onnx, images, onnx_nodes, realistic  # benchmarks/lean_graph.py
 from qbheat.models import create_model
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10, help="runs per configuration per round")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settle", type=float, default=0.1, help="seconds of pause after each configuration's turn")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
@@ -135,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                 runner = get_runner(runtime, threads=args.threads, precision="fp32").load(path, batch=1)
                 configs[(label, runtime)] = (lambda r=runner: r.run({"x": x}))
             print(f"exported {label}: {nodes[label]} ONNX nodes", file=sys.stderr)
-        # The protocol's warmup and timed loops, by count only (no time minimum): args.runs per round.
+        # The protocol's warmup and turns, by count only (no time minimum): args.runs per round.
         cfg = ProtocolConfig(warmup_runs=args.warmup, warmup_seconds=0.0, min_runs=args.runs, min_seconds=0.0)
         for fn in configs.values():
             warmup(fn, cfg)
         samples = {k: [] for k in configs}
-        for rnd in range(args.rounds):
-            for k, fn in configs.items():
-                samples[k] += timed_runs(fn, cfg)
+        for rnd in range(args.rounds):  # one turn per configuration and round: 2 untimed runs, args.runs timed, a pause
+            for k, s in timed_interleaved(configs, cfg, block=args.runs, turn_warmup=2, settle_seconds=args.settle).items():
+                samples[k] += s
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     stats = {k: {"p50": float(np.median(v)), "min": float(np.min(v)), "n": len(v)} for k, v in samples.items()}
     rows = []
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join([".venv/bin/python", "benchmarks/latency_floor.py", *(argv if argv is not None else sys.argv[1:])])
     result = {"schema": "qbheat.latency_floor/1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": command, "machine": {**host, "load_average_1m_at_start": load_at_start, "platform": platform.platform()},
-              "settings": {"size": args.size, "batch": 1, "threads": args.threads, "rounds": args.rounds, "runs": args.runs},
+              "settings": {"size": args.size, "batch": 1, "threads": args.threads, "rounds": args.rounds, "runs": args.runs,
+                           "turn_warmup": 2, "settle_seconds": args.settle},
               "rows": rows}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,64 @@ def timed_runs(fn: Callable[[], Any], cfg: ProtocolConfig, clock: Clock = time.p
     return samples
 
 
+def timed_interleaved(fns: dict[str, Callable[[], Any]], cfg: ProtocolConfig, block: int = 10, turn_warmup: int = 2,
+                      settle_seconds: float = 0.0, clock: Clock = time.perf_counter,
+                      sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
+    """Several configurations timed in turns until each has at least ``min_runs`` samples and
+    ``min_seconds`` of timed runs (``max_runs`` caps each); samples in ms, in the caller's key order.
+
+    A turn is ``turn_warmup`` untimed runs, then ``block`` timed runs, then a pause of
+    ``settle_seconds``. One long block per configuration (``timed_runs`` one after another) lets a
+    load burst on a shared machine land on one configuration only; turns spread bursts and drift over
+    all of them alike, so ratios between configurations hold up better. The untimed runs and the
+    pause keep what a switch costs out of the steady state: measured here, an ONNX Runtime session
+    run right after another one took 3× its steady time while the other's spinning threads still
+    held the cores (they spin for more than 20 ms after a run), and 1.7× after a 100 ms pause
+    (cold caches).
+    """
+    if block < 1 or turn_warmup < 0:
+        raise QBHeatError("a turn needs at least 1 timed run and no negative warmup.")
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    spent = dict.fromkeys(fns, 0.0)
+
+    def done(k: str) -> bool:
+        return len(samples[k]) >= cfg.max_runs or (len(samples[k]) >= cfg.min_runs and spent[k] >= cfg.min_seconds)
+
+    while not all(done(k) for k in fns):
+        for k, fn in fns.items():
+            if done(k):
+                continue
+            for _ in range(turn_warmup):
+                fn()
+            for _ in range(min(block, cfg.max_runs - len(samples[k]))):
+                t0 = clock()
+                fn()
+                dt = clock() - t0
+                samples[k].append(dt * 1e3)
+                spent[k] += dt
+            if settle_seconds > 0:
+                sleep(settle_seconds)
+    return samples
+
+
+def round_ratios(numerator: list[list[float]], denominator: list[list[float]]) -> list[float]:
+    """Per round, p50 of ``numerator``'s samples ÷ p50 of ``denominator``'s (one list of samples per round)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("need the same, non-zero number of rounds on both sides")
+    return [float(np.median(a) / np.median(b)) for a, b in zip(numerator, denominator)]
+
+
+def target_verdict(per_round: list[float], target: float, at_most: bool) -> dict[str, Any]:
+    """Whether a ratio target holds round by round: 'met' when every round meets it, 'not met' when
+    fewer than half do, 'mixed' otherwise (the noise straddles the target). A pooled value that
+    meets a target in a noisy run is not enough to call it met."""
+    ok = [(v <= target) if at_most else (v >= target) for v in per_round]
+    k, n = sum(ok), len(ok)
+    verdict = "met" if k == n else ("not met" if 2 * k < n else "mixed")
+    return {"rounds_met": k, "rounds": n, "min": min(per_round), "median": float(np.median(per_round)),
+            "max": max(per_round), "verdict": verdict}
+
+
 def measure_phase(fn: Callable[[], Any], cfg: ProtocolConfig, clock: Clock = time.perf_counter,
                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Warmup then timed runs of ``fn``: the statistics plus the raw samples and the warmup count."""

@@ -76,6 +76,8 @@ class OpenVinoRunner(Runner):
                 hint = "f16" if "FP16" in caps else "f32"
         config: dict[str, Any] = {"PERFORMANCE_HINT": self.options.get("performance_hint", "LATENCY"),
                                   "INFERENCE_PRECISION_HINT": hint}
+        if self.options.get("perf_count"):  # per-node timings in request.get_profiling_info()
+            config["PERF_COUNT"] = "YES"
         if device == "CPU":
             config["NUM_STREAMS"] = "1"
             if self.threads:
@@ -128,7 +130,11 @@ class OpenVinoRunner(Runner):
             shape = tuple(next(iter(inputs.values())).shape)
             if shape != self.static_shape:  # e.g. golden checks one image at a time: compile once for that shape
                 if shape not in self._by_shape:
-                    compiled = self._compile(shape)
+                    try:
+                        compiled = self._compile(shape)
+                    except Exception as e:  # noqa: BLE001 (OpenVINO raises RuntimeError with long C++ text)
+                        raise QBHeatError(f"OpenVINO cannot run {self.path} on an input of shape {list(shape)} "
+                                          f"(compiled for {list(self.static_shape)}): {str(e).splitlines()[0]}") from None
                     self._by_shape[shape] = (compiled, compiled.create_infer_request())
                 request = self._by_shape[shape][1]
         result = request.infer(inputs).to_tuple()  # in output order, whichever compiled model ran

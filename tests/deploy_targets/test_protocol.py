@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from deploy_targets._errors import QBHeatError
-from deploy_targets.protocol import ProtocolConfig, expand_options, measure, measure_phase, summarize, sweep, timed_runs, warmup
+from deploy_targets.protocol import (ProtocolConfig, expand_options, measure, measure_phase, round_ratios, summarize, sweep,
+                                     target_verdict, timed_interleaved, timed_runs, warmup)
 
 
 class FakeClock:
@@ -108,3 +109,40 @@ def test_protocol_config_validation():
         ProtocolConfig.from_dict({"min_run": 3})
     with pytest.raises(QBHeatError, match="min_runs"):
         ProtocolConfig.from_dict({"min_runs": 0})
+
+
+def test_interleaved_takes_turns_with_untimed_runs_and_a_pause_after_each():
+    clock, order, pauses = FakeClock([0.01]), [], []
+
+    def fn(name):
+        return lambda: (order.append(name), clock.work())
+
+    out = timed_interleaved({"a": fn("a"), "b": fn("b")}, ProtocolConfig(min_runs=4, min_seconds=0.0), block=2,
+                            turn_warmup=1, settle_seconds=0.05, clock=clock, sleep=pauses.append)
+    assert list(out) == ["a", "b"] and all(s == pytest.approx([10.0] * 4) for s in out.values())
+    assert order == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3  # 1 untimed + 2 timed per turn
+    assert pauses == [0.05] * 4
+
+
+def test_interleaved_stops_each_configuration_on_its_own_time_minimum():
+    clock = FakeClock([0.1])
+
+    def slow():  # 0.3 s per run
+        clock.now += 0.3
+
+    out = timed_interleaved({"fast": clock.work, "slow": slow}, ProtocolConfig(min_runs=1, min_seconds=0.9),
+                            block=1, turn_warmup=0, clock=clock)
+    assert len(out["fast"]) == 9 and len(out["slow"]) == 3
+    with pytest.raises(QBHeatError):
+        timed_interleaved({"a": clock.work}, ProtocolConfig(), block=0, clock=clock)
+
+
+def test_round_ratios_and_target_verdicts():
+    assert round_ratios([[2.0, 4.0, 3.0], [5.0]], [[1.0], [2.0, 2.0]]) == [3.0, 2.5]
+    assert target_verdict([2.1, 2.15, 2.0], 2.2, at_most=True)["verdict"] == "met"
+    mixed = target_verdict([2.1, 2.3, 2.0, 2.4], 2.2, at_most=True)
+    assert (mixed["verdict"], mixed["rounds_met"], mixed["rounds"], mixed["max"]) == ("mixed", 2, 4, 2.4)
+    assert target_verdict([3.9, 4.2, 3.8], 4.0, at_most=False)["verdict"] == "not met"
+    assert target_verdict([4.0, 4.2], 4.0, at_most=False)["verdict"] == "met"
+    with pytest.raises(ValueError):
+        round_ratios([[1.0]], [])

@@ -47,6 +47,8 @@ def test_openvino_compiles_for_the_timed_batch_and_still_runs_others(export_dir,
     assert dynamic.inputs()[0]["shape"][0] == "dynamic" and dynamic.describe()["input_shape"] == "dynamic"
     unknown = get_runner("openvino", threads=1).load(export_dir / "model.xml")  # no batch given: stays dynamic
     assert unknown.inputs()[0]["shape"][0] == "dynamic"
+    with pytest.raises(QBHeatError, match=r"cannot run .* on an input of shape \[1, 4, 32, 32\]"):
+        static.run({"x": np.zeros((1, 4, SIZE, SIZE), np.float32)})  # 4 channels: one sentence, not OpenVINO's C++ text
 
 
 def test_missing_artifact_and_unknown_runtime_are_user_errors(tmp_path):

@@ -21,9 +21,12 @@ What it does, in one process:
   3. times every artifact at 224², batch 1, ``--threads`` threads, in three configurations: ONNX
      Runtime (graph optimisation ALL, sequential) with its default spinning thread pool, the same
      with ``session.intra_op.allow_spinning = 0``, and OpenVINO CPU (f32 hint, LATENCY hint, one
-     stream, ``--threads`` threads): ``--warmup`` runs each, then ``--rounds`` × ``--runs`` cycles in which
-     every artifact and configuration runs once in turn (A, B, C, A, B, C, …, so load bursts on this
-     shared machine hit all alike); p50 and minimum over the pooled samples;
+     stream, compiled for the input's static shape, as ``deploy_targets``' runner does, ``--threads``
+     threads): ``--warmup`` runs each, then ``--rounds`` rounds in which every artifact and
+     configuration takes one turn (``deploy_targets.protocol.timed_interleaved``: 2 untimed runs,
+     ``--runs`` timed, a 0.1 s pause; an earlier version ran each configuration once in turn, which
+     timed every run right after another session's, with its spinning threads and cold caches, up to
+     3× slow); p50 and minimum over the pooled samples;
   4. profiles MobileNetV3-L and the final (``fuse()``) stage by op type: ONNX Runtime's profiler
      (``enable_profiling``, written to a temporary folder) and OpenVINO's ``PERF_COUNT`` counters,
      as milliseconds per inference and node counts per op type;
@@ -65,6 +68,7 @@ import torch.nn as nn
 from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
+from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners.openvino_runner import shared_core
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
@@ -164,12 +168,24 @@ def ov_config(threads: int, perf_count: bool = False) -> dict:
 
 
 class OpenVinoRunner:
-    def __init__(self, onnx_path: Path, threads: int, perf_count: bool = False):
-        core = shared_core()  # the ONNX file read directly: no fp16 weight compression on the way
-        self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", ov_config(threads, perf_count))
-        self.request = self.compiled.create_infer_request()
+    """Compiled for each input shape on first use (static shapes, as deploy_targets' runner compiles
+    for the timed batch); ``request`` is the last shape's infer request."""
+
+    def __init__(self, model, threads: int, perf_count: bool = False):
+        import openvino as ov
+
+        self._ov, self.config, self._by_shape = ov, ov_config(threads, perf_count), {}
+        self.compiled = self.request = None
+        # an ONNX path is read directly: no fp16 weight compression on the way
+        self.model = model if isinstance(model, ov.Model) else shared_core().read_model(str(model))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape not in self._by_shape:
+            model = self.model.clone()
+            model.reshape({model.inputs[0]: self._ov.PartialShape(list(x.shape))})
+            compiled = shared_core().compile_model(model, "CPU", self.config)
+            self._by_shape[x.shape] = (compiled, compiled.create_infer_request())
+        self.compiled, self.request = self._by_shape[x.shape]
         return self.request.infer({0: x})[0].copy()
 
 
@@ -228,9 +244,7 @@ def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "O
         kw["ignored_scope"] = nncf.IgnoredScope(types=kw["ignored_scope"], validate=False)
     q = nncf.quantize(shared_core().read_model(str(path)), nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
                       subset_size=len(calib), **kw)
-    runner = OpenVinoRunner.__new__(OpenVinoRunner)
-    runner.compiled = shared_core().compile_model(q, "CPU", ov_config(threads))
-    runner.request = runner.compiled.create_infer_request()
+    runner = OpenVinoRunner(q, threads)
     runner.quantised_ops = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
     return runner
 
@@ -331,22 +345,17 @@ def main(argv: list[str] | None = None) -> int:
             artifacts.append(runners)
             print(f"  {row['model']:22s} {label:48s} {row['onnx_nodes']:5d} nodes  ({export_s:.0f} s)", file=sys.stderr)
 
-        # Interleaved timing: warmup, then rounds × (every artifact × every runtime configuration × runs).
-        samples = {(i, rt): [] for i, runners in enumerate(artifacts) for rt in runners}
-        for runners in artifacts:
-            for fn in runners.values():
-                for _ in range(args.warmup):
-                    fn(x1)
-        # One run of every configuration in turn (A, B, C, …, A, B, C, …): a burst of load from other
-        # processes lands on all configurations alike instead of on one block of runs.
+        # Interleaved timing: warmup, then per round one turn of every configuration (2 untimed runs,
+        # args.runs timed, a pause), so load bursts land on all alike and no run follows another session directly.
+        fns = {(i, rt): (lambda fn=fn: fn(x1)) for i, runners in enumerate(artifacts) for rt, fn in runners.items()}
+        cfg = ProtocolConfig(warmup_runs=args.warmup, warmup_seconds=0.0, min_runs=args.runs, min_seconds=0.0)
+        for fn in fns.values():
+            warmup(fn, cfg)
+        samples = {k: [] for k in fns}
         for r in range(args.rounds):
             print(f"timing round {r + 1}/{args.rounds}", file=sys.stderr)
-            for _ in range(args.runs):
-                for i, runners in enumerate(artifacts):
-                    for rt, fn in runners.items():
-                        t0 = time.perf_counter()
-                        fn(x1)
-                        samples[(i, rt)].append(time.perf_counter() - t0)
+            for k, got in timed_interleaved(fns, cfg, block=args.runs, turn_warmup=2, settle_seconds=0.1).items():
+                samples[k] += [ms / 1e3 for ms in got]  # seconds, as before
     for i, row in enumerate(rows):
         row["p50_ms"] = {rt: round(float(np.median(samples[(i, rt)])) * 1e3, 3) for rt in RUNTIMES}
         row["min_ms"] = {rt: round(float(np.min(samples[(i, rt)])) * 1e3, 3) for rt in RUNTIMES}
@@ -376,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                     "note": "shared machine: other jobs ran beside this one; compare only the ratios measured in this run"},
         "protocol": {"size": args.size, "batch": 1, "threads": args.threads, "warmup": args.warmup,
                      "rounds": args.rounds, "runs_per_round": args.runs, "statistic": "p50 and min of pooled samples",
+                     "turns": "per round one turn per configuration: 2 untimed runs, runs_per_round timed, 0.1 s pause",
                      "onnxruntime": "graph optimisation ALL, sequential, inter-op 1 thread; spinning on (default) and off",
-                     "openvino": "ONNX read directly; INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, NUM_STREAMS 1",
+                     "openvino": "ONNX read directly, compiled for batch 1; INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, NUM_STREAMS 1",
                      "openvino_compiled_properties": ov_props},
         "targets": {"mf_over_mnv3": TARGETS, "parity_rtol": PARITY_RTOL},
         "rows": rows,
@@ -409,15 +419,11 @@ def markdown(rec: dict) -> str:
         f"- versions: torch {m['torch']}, onnxruntime {m['onnxruntime']}, openvino {m['openvino']}",
         f"- command: `{rec['command']}`",
         f"- protocol: {rec['protocol']['size']}², batch 1, {rec['protocol']['threads']} threads, "
-        f"{rec['protocol']['warmup']} warmup, {rec['protocol']['rounds']} rounds × "
-        f"{rec['protocol']['runs_per_round']} cycles, one run of every configuration per cycle; p50 and min of the pooled samples",
+        f"{rec['protocol']['warmup']} warmup, {rec['protocol']['rounds']} rounds, "
+        f"one turn of every configuration per round (2 untimed runs, {rec['protocol']['runs_per_round']} timed, a 0.1 s pause); "
+        "p50 and min of the pooled samples",
         f"- ONNX Runtime: {rec['protocol']['onnxruntime']}; OpenVINO: {rec['protocol']['openvino']} "
         f"(compiled model reports {rec['protocol']['openvino_compiled_properties']})",
-        "",
-        "One run of each configuration in turn means every run starts with caches holding another model's "
-        "weights: these are cold-cache latencies, which most likely cost the model with more weights (MF-294M lean: 12.5 M "
-        "parameters, MNV3-L: 5.5 M) more than back-to-back runs do (benchmarks/latency.py, blocks of runs per "
-        "configuration, measures warm-cache latency).",
         "",
         "Latency, ms, as p50 / min; ratio to MobileNetV3-L as p50 ratio / min ratio:",
         "",

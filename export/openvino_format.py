@@ -60,14 +60,15 @@ def save(model, xml_path: str | os.PathLike, compress_to_fp16: bool) -> list[Pat
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
-def quantize_int8(model, images: np.ndarray, detector: bool):
-    """NNCF post-training INT8 of ``model`` (an FP32 ov.Model) on ``images`` (N×3×H×W)."""
+def quantize_int8(model, images: np.ndarray, detector: bool, quiet: bool = False):
+    """NNCF post-training INT8 of ``model`` (an FP32 ov.Model) on ``images`` (N×3×H×W). NNCF's progress
+    bars go to stderr, or nowhere when ``quiet``."""
     import nncf
 
     dataset = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
     ignored = nncf.IgnoredScope(types=DETECTOR_IGNORED_TYPES, validate=False) if detector else None
     kwargs = {"ignored_scope": ignored} if ignored is not None else {}
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF draws its progress bars on stdout
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stderr):  # NNCF's bars go to stdout
         return nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
 
 

@@ -282,6 +282,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         steps.done("skipped (no FP16 artifact requested)")
 
     ctx = _Context(recipe, src, pre, reference, deploy, program, example, calib, check, ref, guard, tmp)
+    ctx.quiet = quiet
     artifacts: list[dict] = []
     worker = _start_coreml_worker(ctx, plan, steps)
     try:
@@ -361,6 +362,7 @@ class _Context:
         self.program, self.example, self.calib, self.check, self.ref, self.guard, self.tmp = program, example, calib, check, ref, guard, tmp
         self.output_names = deploy.output_names
         self.scratch: list[Path] = []
+        self.quiet = False  # --quiet: the converters' own progress output is discarded too
         self._onnx_fp32: Path | None = None
         self._ov_fp32 = None
         self.metadata = {
@@ -489,7 +491,8 @@ def _build_openvino(ctx: _Context, precision: str) -> dict:
         files = openvino_format.save(model, xml, compress_to_fp16=True)
         notes.append("FP16-compressed weights; compute precision is the device's (parity uses the f32 hint)")
     else:
-        model = openvino_format.quantize_int8(ctx.ov_fp32().clone(), ctx.calib.inputs, ctx.src["task"] == "detector")
+        model = openvino_format.quantize_int8(ctx.ov_fp32().clone(), ctx.calib.inputs, ctx.src["task"] == "detector",
+                                              quiet=ctx.quiet)
         model.set_rt_info("int8", ["model_info", "precision"])
         files = openvino_format.save(model, xml, compress_to_fp16=False)
         notes.append(f"NNCF post-training INT8 on {len(ctx.calib.names)} calibration images")

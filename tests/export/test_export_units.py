@@ -424,3 +424,18 @@ def test_worker_output_does_not_reach_the_terminal(capfd):
     w.close()
     out, err = capfd.readouterr()
     assert "noise" not in out + err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_nncf_progress_goes_to_stderr_or_nowhere_when_quiet(capfd, quiet):
+    import openvino as ov
+
+    from export.openvino_format import quantize_int8
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    model = ov.convert_model(net, example_input=torch.zeros(1, 3, 16, 16))
+    images = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    quantize_int8(model, images, detector=False, quiet=quiet)
+    out, err = capfd.readouterr()
+    assert out == ""  # stdout is the CLI's (e.g. --json); NNCF never writes there
+    assert ("Statistics collection" in err) != quiet, err[-300:]

@@ -14,6 +14,10 @@ Statistics per timed phase: n, mean, std (sample, ddof=1), CV = std/mean, p50/p9
 interpolation between order statistics, numpy's default), min, max, MAD (median absolute deviation)
 and a 10 % trimmed mean; a warning when CV exceeds ``cv_warn`` (2.5 %, trtexec's threshold).
 
+Comparing configurations in one run (the benchmarks' ratios): ``timed_interleaved`` times them in
+turns, each turn with untimed runs first and a pause after, and ``round_ratios`` /
+``target_verdict`` judge a ratio target round by round, not only on the pooled samples.
+
 The clock is injectable (``clock=`` returns seconds), so the statistics are tested on synthetic
 timings with exact answers. Defaults below are ours, chosen for 2-core CI machines; trtexec's are a
 200 ms warmup and a 3 s / 10-run minimum, timm's 10 warmup and 40 timed runs.

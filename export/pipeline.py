@@ -281,8 +281,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     else:
         steps.done("skipped (no FP16 artifact requested)")
 
-    ctx = _Context(recipe, src, pre, reference, deploy, program, example, calib, check, ref, guard, tmp)
-    ctx.quiet = quiet
+    ctx = _Context(recipe, src, pre, reference, deploy, program, example, calib, check, ref, guard, tmp, quiet)
     artifacts: list[dict] = []
     worker = _start_coreml_worker(ctx, plan, steps)
     try:
@@ -357,12 +356,13 @@ def _summary(art: dict) -> str:
 
 
 class _Context:
-    def __init__(self, recipe, src, pre, reference, deploy, program, example, calib: ImageSet, check: ImageSet, ref, guard, tmp: Path):
+    def __init__(self, recipe, src, pre, reference, deploy, program, example, calib: ImageSet, check: ImageSet, ref, guard, tmp: Path,
+                 quiet: bool = False):
         self.recipe, self.src, self.pre, self.reference, self.deploy = recipe, src, pre, reference, deploy
         self.program, self.example, self.calib, self.check, self.ref, self.guard, self.tmp = program, example, calib, check, ref, guard, tmp
         self.output_names = deploy.output_names
         self.scratch: list[Path] = []
-        self.quiet = False  # --quiet: the converters' own progress output is discarded too
+        self.quiet = quiet  # --quiet: the converters' own progress output (NNCF's bars) is discarded too
         self._onnx_fp32: Path | None = None
         self._ov_fp32 = None
         self.metadata = {

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
@@ -109,9 +109,9 @@ def timed_runs(fn: Callable[[], Any], cfg: ProtocolConfig, clock: Clock = time.p
     return samples
 
 
-def timed_interleaved(fns: dict[str, Callable[[], Any]], cfg: ProtocolConfig, block: int = 10, turn_warmup: int = 2,
+def timed_interleaved(fns: dict[Hashable, Callable[[], Any]], cfg: ProtocolConfig, block: int = 10, turn_warmup: int = 2,
                       settle_seconds: float = 0.0, clock: Clock = time.perf_counter,
-                      sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
+                      sleep: Callable[[float], None] = time.sleep) -> dict[Hashable, list[float]]:
     """Several configurations timed in turns until each has at least ``min_runs`` samples and
     ``min_seconds`` of timed runs (``max_runs`` caps each); samples in ms, in the caller's key order.
 
@@ -126,10 +126,10 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], cfg: ProtocolConfig, bl
     """
     if block < 1 or turn_warmup < 0:
         raise QBHeatError("a turn needs at least 1 timed run and no negative warmup.")
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+    samples: dict[Hashable, list[float]] = {k: [] for k in fns}
     spent = dict.fromkeys(fns, 0.0)
 
-    def done(k: str) -> bool:
+    def done(k: Hashable) -> bool:
         return len(samples[k]) >= cfg.max_runs or (len(samples[k]) >= cfg.min_runs and spent[k] >= cfg.min_seconds)
 
     while not all(done(k) for k in fns):

@@ -90,8 +90,8 @@ class OpenVinoRunner(Runner):
         except Exception as e:  # noqa: BLE001 (OpenVINO raises RuntimeError with long C++ text)
             raise QBHeatError(f"OpenVINO could not load {path}: {str(e).splitlines()[0]}") from None
         self.request = self.compiled.create_infer_request()
-        # shape -> (compiled model, its request); the compiled model is kept with its request
-        self._by_shape = {self.static_shape: (self.compiled, self.request)} if self.static_shape else {}
+        # other input shapes -> (compiled model, its request); the compiled model is kept with its request
+        self._by_shape = {}
         hint_value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self._hint = hint_value.get_type_name() if hasattr(hint_value, "get_type_name") else str(hint_value)
         self._outputs = [o.get_any_name() for o in self.compiled.outputs]

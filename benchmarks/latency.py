@@ -50,7 +50,7 @@ from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, round_ratios, summarize, target_verdict, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
 from deploy_targets.runners.openvino_runner import shared_core
-from lean_graph import INT8_SCOPES  # benchmarks/lean_graph.py: the same 'convs' scope measured there
+from lean_graph import INT8_SCOPES, openvino_by_type  # benchmarks/lean_graph.py: the same 'convs' scope measured there
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 
@@ -80,24 +80,10 @@ def parity(ref: np.ndarray, out: np.ndarray) -> dict:
 CONVOLUTIONS = ("Convolution", "GroupConvolution")  # OpenVINO CPU node types that NNCF's 'convs' scope quantises
 
 
-def ov_profile(path: Path, x: np.ndarray, threads: int, precision: str, runs: int = 30) -> dict[str, float]:
-    """Milliseconds per inference by OpenVINO node type, from the CPU plugin's own per-node counters
-    (PERF_COUNT), compiled as the runner compiles it (static batch 1, LATENCY, one stream)."""
-    r = get_runner("openvino", threads=threads, precision=precision, perf_count=True).load(path, batch=1)
-    for _ in range(10):
-        r.run({"x": x})
-    by_type: dict[str, float] = {}
-    for _ in range(runs):
-        r.run({"x": x})
-        for node in r.request.get_profiling_info():
-            if node.status == node.Status.EXECUTED:
-                by_type[node.node_type] = by_type.get(node.node_type, 0.0) + node.real_time.total_seconds() * 1e3 / runs
-    r.close()
-    return dict(sorted(by_type.items(), key=lambda kv: -kv[1]))
-
-
 def int8_profile(f32_path: Path, int8_path: Path, x: np.ndarray, threads: int) -> dict:
-    """Where OpenVINO f32 and INT8 spend their time, and the most INT8 could gain on this CPU.
+    """Where OpenVINO f32 and INT8 spend their time (ms per inference by node type, from the CPU
+    plugin's PERF_COUNT counters, compiled as the runner compiles it), and the most INT8 could gain
+    on this CPU.
 
     The bounds (Amdahl): the f32 time of the convolution nodes (1×1 and depthwise), and then also of
     the FullyConnected nodes, divided by the speedup INT8 gets on the 1×1 Convolution nodes here,
@@ -106,7 +92,8 @@ def int8_profile(f32_path: Path, int8_path: Path, x: np.ndarray, threads: int) -
     upper bounds: OpenVINO runs the depthwise convs in f32 even when NNCF quantises their inputs, and
     most FullyConnected time is per-op overhead on 6-token tensors, which INT8 does not shorten.
     """
-    f32, int8 = ov_profile(f32_path, x, threads, "fp32"), ov_profile(int8_path, x, threads, "int8")
+    f32, int8 = ({t: v["ms"] for t, v in openvino_by_type(path, x, threads, warmup_runs=10, runs=30).items()}
+                 for path in (f32_path, int8_path))
     speedup = f32.get("Convolution", 0.0) / max(int8.get("Convolution", 0.0), 1e-9)
     total = sum(f32.values())
 

@@ -69,6 +69,7 @@ from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
+from deploy_targets.runners import get_runner
 from deploy_targets.runners.openvino_runner import shared_core
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
@@ -161,32 +162,41 @@ class OrtRunner:
         return self.session.run(None, {self.name: x})[0]
 
 
-def ov_config(threads: int, perf_count: bool = False) -> dict:
-    cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-           "NUM_STREAMS": "1"}
-    return {**cfg, "PERF_COUNT": "YES"} if perf_count else cfg
-
-
 class OpenVinoRunner:
-    """Compiled for each input shape on first use (static shapes, as deploy_targets' runner compiles
-    for the timed batch); ``request`` is the last shape's infer request."""
+    """``deploy_targets``' OpenVINO runner (f32 hint, LATENCY, one stream, ``threads`` threads;
+    compiled for batch 1, other shapes on first use), called with an array. The file is read as it
+    is: an ONNX graph directly, with no fp16 weight compression on the way."""
 
-    def __init__(self, model, threads: int, perf_count: bool = False):
-        import openvino as ov
+    def __init__(self, path: Path, threads: int, perf_count: bool = False):
+        self.runner = get_runner("openvino", threads=threads, precision="fp32", perf_count=perf_count).load(path, batch=1)
+        self.name = self.runner.inputs()[0]["name"]
 
-        self._ov, self.config, self._by_shape = ov, ov_config(threads, perf_count), {}
-        self.compiled = self.request = None
-        # an ONNX path is read directly: no fp16 weight compression on the way
-        self.model = model if isinstance(model, ov.Model) else shared_core().read_model(str(model))
+    @property
+    def compiled(self):
+        return self.runner.compiled
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if x.shape not in self._by_shape:
-            model = self.model.clone()
-            model.reshape({model.inputs[0]: self._ov.PartialShape(list(x.shape))})
-            compiled = shared_core().compile_model(model, "CPU", self.config)
-            self._by_shape[x.shape] = (compiled, compiled.create_infer_request())
-        self.compiled, self.request = self._by_shape[x.shape]
-        return self.request.infer({0: x})[0].copy()
+        return next(iter(self.runner.run({self.name: x}).values()))
+
+
+def openvino_by_type(path: Path, x: np.ndarray, threads: int, warmup_runs: int = 5, runs: int = 20) -> dict:
+    """OpenVINO's PERF_COUNT counters of ``path`` at batch 1 by node type (executed nodes only):
+    {type: {"ms": per inference, "nodes": count}}, slowest first."""
+    import collections
+
+    r = get_runner("openvino", threads=threads, precision="fp32", perf_count=True).load(path, batch=1)
+    name = r.inputs()[0]["name"]
+    for _ in range(warmup_runs):
+        r.run({name: x})
+    ms, count = collections.defaultdict(float), collections.Counter()
+    for _ in range(runs):
+        r.run({name: x})
+        for info in r.request.get_profiling_info():
+            if info.status == info.Status.EXECUTED:
+                ms[info.node_type] += info.real_time.total_seconds() * 1e3
+                count[info.node_type] += 1
+    r.close()
+    return {k: {"ms": v / runs, "nodes": count[k] // runs} for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
 
 
 def profile_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 20) -> dict:
@@ -208,18 +218,8 @@ def profile_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 20) -> di
     n = 5 + runs
     out["onnxruntime_nospin"] = {k: {"ms": round(v / n, 3), "nodes": count[k] // n}
                                  for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
-    ov_run = OpenVinoRunner(path, threads, perf_count=True)
-    for _ in range(5):
-        ov_run(x)
-    ms, count = collections.defaultdict(float), collections.Counter()
-    for _ in range(runs):
-        ov_run(x)
-        for info in ov_run.request.get_profiling_info():
-            if info.status == info.Status.EXECUTED:
-                ms[info.node_type] += info.real_time.total_seconds() * 1e3
-                count[info.node_type] += 1
-    out["openvino_f32"] = {k: {"ms": round(v / runs, 3), "nodes": count[k] // runs}
-                           for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
+    out["openvino_f32"] = {k: {"ms": round(v["ms"], 3), "nodes": v["nodes"]}
+                           for k, v in openvino_by_type(path, x, threads, runs=runs).items()}
     return out
 
 
@@ -242,9 +242,13 @@ def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "O
         kw["model_type"] = nncf.ModelType[kw["model_type"]]
     if "ignored_scope" in kw:
         kw["ignored_scope"] = nncf.IgnoredScope(types=kw["ignored_scope"], validate=False)
+    import openvino as ov
+
     q = nncf.quantize(shared_core().read_model(str(path)), nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
                       subset_size=len(calib), **kw)
-    runner = OpenVinoRunner(q, threads)
+    xml = path.with_name(f"{path.stem}_int8_{scope}.xml")
+    ov.save_model(q, str(xml), compress_to_fp16=False)
+    runner = OpenVinoRunner(xml, threads)
     runner.quantised_ops = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
     return runner
 

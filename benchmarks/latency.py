@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     host = fingerprint.host()
     host["load_average_1m_at_start"] = load_at_start
-    command = " ".join([".venv/bin/python", "benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join([fingerprint.interpreter(), "benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])])
     result = {"schema": "qbheat.latency_benchmark/1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": command, "machine": {**host, "platform": platform.platform()},
               "settings": {"size": args.size, "batch": 1, "threads": args.threads, "rounds": args.rounds, "protocol": cfg.to_dict(),
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latency.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = [f"# Latency: {mf} vs {peer}", "", f"- date: {result['date']}", f"- machine: {host['cpu_model']}, {host['cores']} cores, {result['machine']['platform']}; "
+    md = [f"# Latency: {mf} vs {peer}", "", f"- date: {result['date']}", f"- machine: {host['cpu_model']} ({fingerprint.cores_text(host)}), {result['machine']['platform']}; "
           f"1-min load average {load_at_start} at start, {host['load_average_1m']} at end (above {host['cores']} = other work competed for the cores)",
           f"- command: `{command}`", f"- settings: {args.size}×{args.size}, batch 1, {args.threads} threads, {args.rounds} interleaved rounds × "
           f"(≥ {args.min_runs} runs and ≥ {args.min_seconds} s per configuration, in turns of {args.turn_warmup} untimed + "

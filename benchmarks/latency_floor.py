@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             row[runtime] = {**s, "ratio_p50": s["p50"] / peer["p50"], "ratio_min": s["min"] / peer["min"]}
         rows.append(row)
     host = fingerprint.host()
-    command = " ".join([".venv/bin/python", "benchmarks/latency_floor.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join([fingerprint.interpreter(), "benchmarks/latency_floor.py", *(argv if argv is not None else sys.argv[1:])])
     result = {"schema": "qbheat.latency_floor/1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": command, "machine": {**host, "load_average_1m_at_start": load_at_start, "platform": platform.platform()},
               "settings": {"size": args.size, "batch": 1, "threads": args.threads, "rounds": args.rounds, "runs": args.runs,
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "latency_floor.json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["# Latency floor: mobileformer_294m with parts removed, vs mobilenetv3_large_100", "",
-          f"- date: {result['date']}", f"- machine: {host['cpu_model']}, {host['cores']} cores; 1-min load average "
+          f"- date: {result['date']}", f"- machine: {host['cpu_model']} ({fingerprint.cores_text(host)}); 1-min load average "
           f"{load_at_start} at start, {host['load_average_1m']} at end", f"- command: `{command}`",
           f"- settings: {args.size}², batch 1, {args.threads} threads, {args.rounds} interleaved rounds × {args.runs} runs; "
           "ONNX Runtime (spinning on) and OpenVINO f32 (compiled for batch 1)",

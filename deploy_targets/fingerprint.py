@@ -1,6 +1,7 @@
 """The environment fingerprint attached to every result row.
 
-CPU model (``/proc/cpuinfo`` on Linux, ``sysctl`` on macOS), logical cores, OS and kernel, the
+CPU model (``/proc/cpuinfo`` on Linux, ``sysctl`` on macOS), logical cores and the cores this process
+may run on, the CPU's vector and INT8 instruction sets (they decide what INT8 gains), OS and kernel, the
 runtime and its version, device, precision, threads, the artifact's SHA-256, and — where the OS
 exposes them — the CPU frequency governor and a thermal-zone temperature. Standard library only.
 """
@@ -29,6 +30,46 @@ def cpu_model() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
+
+
+# x86 feature flags that change what a quantised or vectorised graph gains: AVX2 only (no VNNI) makes
+# INT8 convolutions about 2 × faster at best; VNNI and AMX do dot products of INT8 in one instruction.
+CPU_FEATURES = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_features() -> list[str]:
+    """Which of ``CPU_FEATURES`` the CPU reports (``/proc/cpuinfo`` flags; empty where it has none)."""
+    flags: set[str] = set()
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [f for f in CPU_FEATURES if f in flags]
+
+
+def usable_cores() -> int | None:
+    """Cores this process may run on (``taskset`` and cgroup CPU sets narrow it below ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def cores_text(f: dict[str, Any]) -> str:
+    """'16 cores', or '2 of 16 cores' when the process was pinned, then the instruction sets if known."""
+    cores, usable = f.get("cores"), f.get("usable_cores")
+    text = f"{usable} of {cores} cores" if usable and usable != cores else f"{cores} cores"
+    return text + (f", {' '.join(f['cpu_features'])}" if f.get("cpu_features") else "")
+
+
+def interpreter() -> str:
+    """The Python running this, as a recorded command should name it: relative to the working
+    directory when inside it (``.venv/bin/python``), else its file name (``python3``)."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return exe.name
 
 
 def _read(path: str) -> str | None:
@@ -79,6 +120,8 @@ def host() -> dict[str, Any]:
     return {
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "cpu_features": cpu_features(),
         "os": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),

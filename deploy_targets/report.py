@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import fingerprint as fp
 from ._errors import QBHeatError
 from .results import SCHEMA, read_document, row_label, validate_document, write_text_atomic
 
@@ -117,7 +118,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         if key in seen:
             continue
         seen.add(key)
-        lines.append(f"| {r['target']} | {f.get('device_name') or f.get('cpu_model')} ({f.get('cores')} cores) | {f.get('os')} | "
+        lines.append(f"| {r['target']} | {f.get('device_name') or f.get('cpu_model')} ({fp.cores_text(f)}) | {f.get('os')} | "
                      f"{f.get('runtime')} | {f.get('runtime_version')} | {f.get('precision')} | `{(f.get('artifact_sha256') or '')[:16]}` |")
     if doc.get("comparisons"):
         lines += ["", "## Against the baseline", "", "| configuration | baseline p50 | p50 | Δ | threshold | verdict |", "|---|---:|---:|---:|---:|---|"]

@@ -15,7 +15,7 @@ several, merges them and renders Markdown and HTML from it. Standard library onl
         steady       {n, mean, std, cv, p50, p90, p99, min, max, mad, trimmed_mean, cv_warning, warmup_runs, samples_ms}
         end_to_end   same keys, or null
         warnings     [str]
-        fingerprint  {cpu_model, cores, os, machine, python, governor, temperature_c, runtime, runtime_version,
+        fingerprint  {cpu_model, cores, usable_cores?, cpu_features?, os, machine, python, governor, temperature_c, runtime, runtime_version,
                       device, device_name, precision, threads, artifact_sha256, runtime_details?}
         parity       the model card's parity entry for the artifact, or null
         golden       {passed, max_abs, mean_abs, cosine, top1_agreement, tolerance} or null

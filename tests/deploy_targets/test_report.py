@@ -75,6 +75,13 @@ def test_report_refuses_other_json(tmp_path):
     assert export_main(["report", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")]) == 2
 
 
+def test_markdown_environment_names_pinned_cores_and_instruction_sets():
+    row = _row("laptop", "xml", "int8", 2.0, 0.02, 0.99)
+    row["fingerprint"].update(cores=16, usable_cores=2, cpu_features=["avx512_vnni", "amx_int8"])
+    assert "Test CPU (2 of 16 cores, avx512_vnni amx_int8)" in to_markdown(_doc([row]))
+    assert "Test CPU (2 cores)" in to_markdown(_doc([_row("laptop", "xml", "int8", 2.0, 0.02, 0.99)]))
+
+
 def test_markdown_marks_noisy_rows():
     md = to_markdown(_doc([_row("laptop", "xml", "int8", 2.0, 0.2, 0.97)]))
     assert "10.0 ⚠" in md

@@ -167,7 +167,9 @@ def main() -> int:
         print(f"export failed with exit status {res['returncode']}", file=sys.stderr)
     card = json.loads(res["stdout"][res["stdout"].index("{"):]) if res["returncode"] == 0 else None
     artifacts = [{"format": a["format"], "precision": a["precision"], "verified": a["verified"],
-                  "mismatch": bool(a.get("mismatch")), "size_mb": round(a["size_bytes"] / 1e6, 2),
+                  "mismatch": bool(a.get("mismatch")),
+                  "mismatch_reason": next((n[len("MISMATCH: "):] for n in a.get("notes", []) if n.startswith("MISMATCH: ")), None),
+                  "size_mb": round(a["size_bytes"] / 1e6, 2),
                   "min_cosine": (min(v["cosine_min"] for b in a["parity"].values() for v in b["outputs"].values())
                                  if a["parity"] else None)} for a in (card or {}).get("artifacts", [])]
     result = {
@@ -208,7 +210,7 @@ def main() -> int:
                   f"{ser['peak_rss_gb']} GB | – | parallel / serial wall {result['wall_s'] / ser['wall_s']:.2f} |"]
     lines += ["", "| format | precision | verified | min cosine | size MB | mismatch |", "|---|---|---|---|---|---|"]
     lines += [f"| {a['format']} | {a['precision']} | {a['verified']} | {a['min_cosine'] if a['min_cosine'] is not None else '–'} "
-              f"| {a['size_mb']} | {a['mismatch']} |" for a in artifacts]
+              f"| {a['size_mb']} | {a['mismatch_reason'] or a['mismatch']} |" for a in artifacts]
     lines += ["", "Step times (s): " + ", ".join(f"{k}: {v}" for k, v in result["steps_s"].items())]
     lines += [f"Not built: {n['format']} — {n['reason']}" for n in result["not_built"]]
     (out / "export_cost.md").write_text("\n".join(lines) + "\n")

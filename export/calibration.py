@@ -107,8 +107,10 @@ def _read_crops(pre: Preprocessing, folder: Path, files: list[Path]) -> tuple[np
     return np.stack(crops), names
 
 
-def load_images(pre: Preprocessing, folder: str | Path | None = None, count: int = DEFAULT_COUNT, seed: int = 0) -> ImageSet:
-    """The first ``count`` images of ``folder`` (sorted, recursively) or scikit-image's bundled photos."""
+def load_images(pre: Preprocessing, folder: str | Path | None = None, count: int = DEFAULT_COUNT, seed: int = 0,
+                files: list[Path] | None = None) -> ImageSet:
+    """The first ``count`` images of ``folder`` (sorted, recursively; ``files`` if already listed) or
+    scikit-image's bundled photos."""
     if folder is None:
         from qbheat.data.samples import NAMES, sample_images
 
@@ -118,14 +120,15 @@ def load_images(pre: Preprocessing, folder: str | Path | None = None, count: int
     folder = Path(folder)
     if not folder.is_dir():
         raise QBHeatError(f"calibration folder {folder} does not exist; pass a folder of images or leave --calibration out.")
-    files = _image_files(folder)
+    files = _image_files(folder) if files is None else files
     if not files:
         raise QBHeatError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or leave --calibration out.")
     u8, names = _read_crops(pre, folder, files[:count])
     return ImageSet(str(folder), names, u8, pre.normalize(u8))
 
 
-def parity_images(pre: Preprocessing, batch: int = 4, folder: str | Path | None = None, skip: int = 0) -> ImageSet:
+def parity_images(pre: Preprocessing, batch: int = 4, folder: str | Path | None = None, skip: int = 0,
+                  files: list[Path] | None = None) -> ImageSet:
     """Real images for parity, never the ones calibration used.
 
     With a calibration ``folder`` that holds more than ``skip`` (= the calibration count) images, parity runs
@@ -135,7 +138,7 @@ def parity_images(pre: Preprocessing, batch: int = 4, folder: str | Path | None 
     """
     if folder is not None:
         folder = Path(folder)
-        rest = _image_files(folder)[skip:] if folder.is_dir() else []
+        rest = (_image_files(folder) if files is None else files)[skip:] if folder.is_dir() else []
         if len(rest) >= batch:
             pick = [rest[round(i * (len(rest) - 1) / max(batch - 1, 1))] for i in range(batch)]
             u8, names = _read_crops(pre, folder, pick)
@@ -144,3 +147,11 @@ def parity_images(pre: Preprocessing, batch: int = 4, folder: str | Path | None 
 
     u8 = sample_images(len(NAMES) + batch, pre.input_size, seed=1234)[-batch:]  # random crops, not the centre crops
     return ImageSet("skimage.data (random crops, seed 1234)", [f"crop{i}" for i in range(batch)], u8, pre.normalize(u8))
+
+
+def calibration_and_parity(pre: Preprocessing, folder: str | Path | None, count: int, batch: int) -> tuple[ImageSet, ImageSet]:
+    """An export's two image sets, ``load_images`` then ``parity_images`` held out from it, with the
+    folder listed once (a folder of a dataset's images can hold many thousands of files)."""
+    files = _image_files(Path(folder)) if folder is not None and Path(folder).is_dir() else None
+    calib = load_images(pre, folder, count, files=files)
+    return calib, parity_images(pre, batch, folder, skip=len(calib.names), files=files)

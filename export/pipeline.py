@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from export import backends, parity
-from export.calibration import ImageSet, Preprocessing, load_images, parity_images
+from export.calibration import ImageSet, Preprocessing, calibration_and_parity
 from export.manifest import SCHEMA, write_model_card
 from export.recipe import HEAD_VARIANTS, NEW_HEAD_CLASSES, ExportRecipe
 from qbheat.checkpoint import build_backbone, load_checkpoint, sha256_file
@@ -265,8 +265,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     steps.done()
 
     steps.start("calibration + parity images, PyTorch reference outputs")
-    calib = load_images(pre, recipe.calibration, recipe.calibration_count)
-    check = parity_images(pre, max(PARITY_BATCHES), recipe.calibration, len(calib.names))
+    calib, check = calibration_and_parity(pre, recipe.calibration, recipe.calibration_count, max(PARITY_BATCHES))
     with torch.no_grad():
         ref = {b: [o.numpy() for o in reference(torch.from_numpy(check.inputs[:b]))] for b in PARITY_BATCHES}
     steps.done(f"{len(calib.names)} calibration images from {calib.source}")

@@ -120,6 +120,23 @@ def test_parity_uses_held_out_folder_images_else_photographs(tmp_path):
     assert parity_images(pre, 4).source == fallback.source
 
 
+def test_calibration_and_parity_list_the_folder_once(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from export import calibration
+
+    for i in range(10):
+        Image.fromarray(np.full((40, 40, 3), 20 * i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    listed = []
+    real = calibration._image_files
+    monkeypatch.setattr(calibration, "_image_files", lambda folder: listed.append(folder) or real(folder))
+    calib, check = calibration.calibration_and_parity(calibration.Preprocessing(input_size=32), tmp_path, 4, 4)
+    assert listed == [tmp_path]
+    assert calib.names == ["00.png", "01.png", "02.png", "03.png"] and check.names == ["04.png", "06.png", "07.png", "09.png"]
+    with pytest.raises(QBHeatError, match="does not exist"):
+        calibration.calibration_and_parity(calibration.Preprocessing(input_size=32), tmp_path / "missing", 4, 4)
+
+
 def test_tensorrt_only_is_refused_when_it_cannot_build(tmp_path, capsys):
     if backends.format_status("tensorrt").can_build:
         pytest.skip("TensorRT can build here")

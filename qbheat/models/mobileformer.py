@@ -672,8 +672,8 @@ class MobileFormer(nn.Module):
 # transposes, but 16.1 M instead of 11.3 M weights and 320 M instead of 287 M MACs for MF-294M);
 # measured side by side with this form (224², batch 1, 2 threads, shared 2-core AVX2 machine) it was
 # ~10 % slower: ONNX Runtime 20.2 vs 18.1 ms p50 (spinning off), OpenVINO f32 21.7 vs 18.2 ms min; the
-# extra weight traffic cost more than the tiny transposes it saved. The block-diagonal DyReLU layer
-# is the only zero padding left (12.5 M weights).
+# extra weight traffic cost more than the tiny transposes it saved. The DyReLU hyper-networks' second
+# layers are grouped 1×1 convs where the widths allow (see ``LeanDynamicReLUs``).
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Conv (no bias) followed by eval-mode BN, as one conv with bias."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -805,29 +805,44 @@ class LeanFormerToMobile(nn.Module):
 
 class LeanDynamicReLUs(nn.Module):
     """The coefficients of several DyReLUs from token 0 in one pass: first layers concatenated, second
-    layers block-diagonal, and hsigmoid's affine maps folded in, so a = clamp(W z₀ + b, lo, hi) gives
-    every (a₁, a₂) pair at once as B×ΣC×1×1 slices."""
+    layers side by side, and hsigmoid's affine maps folded in, so a = clamp(W z₀ + b, lo, hi) gives
+    every (a₁, a₂) pair at once as B×ΣC×1×1 slices.
+
+    Where every DyReLU has the same hidden and channel widths (all of MF-294M's blocks but one
+    downsampling block), the second layers are one grouped 1×1 conv on the B×K×1×1 hidden vector, so
+    no weight is padding. Otherwise they are one block-diagonal linear layer, zeros off the blocks.
+    The padded form made MF-294M's lean graph 12.5 M weights against the model's 11.3 M, and
+    streaming those zeros from memory is not free at batch 1."""
 
     def __init__(self, acts: List[DynamicReLU]):
         super().__init__()
         self.sizes = [a.channels for act in acts for a in (act, act)]  # a₁ and a₂ of each DyReLU
         w1 = torch.cat([a.hyper[0].weight for a in acts])
         b1 = torch.cat([a.hyper[0].bias for a in acts])
+        hidden = [a.hyper[2].in_features for a in acts]
+        self.grouped = len(set(hidden)) == 1 and len(set(a.channels for a in acts)) == 1
         rows, cols = sum(2 * a.channels for a in acts), w1.shape[0]
-        w2, b2 = w1.new_zeros(rows, cols), w1.new_zeros(rows)
-        lo, hi = w1.new_zeros(rows), w1.new_zeros(rows)
+        w2 = w1.new_zeros(rows, hidden[0] if self.grouped else cols)
+        b2, lo, hi = w1.new_zeros(rows), w1.new_zeros(rows), w1.new_zeros(rows)
         r, col = 0, 0
-        for a in acts:
-            fc2, n, k = a.hyper[2], a.channels, a.hyper[2].in_features
-            w2[r:r + 2 * n, col:col + k] = fc2.weight / 3.0  # 2·hsigmoid(u) − o = clamp(u/3 + 1 − o, −o, 2 − o)
+        for a, k in zip(acts, hidden):
+            fc2, n = a.hyper[2], a.channels
+            c0 = 0 if self.grouped else col
+            w2[r:r + 2 * n, c0:c0 + k] = fc2.weight / 3.0  # 2·hsigmoid(u) − o = clamp(u/3 + 1 − o, −o, 2 − o)
             b2[r:r + 2 * n] = fc2.bias / 3.0
             b2[r:r + n] += 1.0
             lo[r + n:r + 2 * n], hi[r:r + n], hi[r + n:r + 2 * n] = -1.0, 2.0, 1.0
             r, col = r + 2 * n, col + k
         self.fc1 = _linear(w1, b1)
-        self.fc2 = _linear(w2, b2)
-        self.register_buffer("lo", lo)
-        self.register_buffer("hi", hi)
+        if self.grouped:
+            self.fc2 = nn.Conv2d(cols, rows, 1, groups=len(acts))
+            with torch.no_grad():
+                self.fc2.weight.copy_(w2[:, :, None, None])
+                self.fc2.bias.copy_(b2)
+        else:
+            self.fc2 = _linear(w2, b2)
+        self.register_buffer("lo", lo[:, None, None])
+        self.register_buffer("hi", hi[:, None, None])
 
     def reorder(self, index: int, order: torch.Tensor) -> None:
         """Emit DyReLU ``index``'s (a₁, a₂) in channel ``order`` (that of a split conv's output)."""
@@ -840,8 +855,9 @@ class LeanDynamicReLUs(nn.Module):
                 t.copy_(t[rows])
 
     def forward(self, token0: torch.Tensor) -> List[torch.Tensor]:
-        a = torch.clamp(self.fc2(F.relu(self.fc1(token0))), self.lo, self.hi)  # B×ΣC
-        return list(a[:, :, None, None].split(self.sizes, dim=1))
+        h = F.relu(self.fc1(token0))
+        a = self.fc2(h[:, :, None, None]) if self.grouped else self.fc2(h)[:, :, None, None]
+        return list(torch.clamp(a, self.lo, self.hi).split(self.sizes, dim=1))  # B×ΣC×1×1 slices
 
 
 class LeanMobile(nn.Module):

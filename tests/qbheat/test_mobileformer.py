@@ -320,3 +320,27 @@ def test_lean_attention_modules_match_and_add_no_zero_padded_weights():
             ref, out = call(module), call(lean)
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), type(module).__name__
         assert _params(lean) == _params(module), type(module).__name__
+
+
+def test_lean_dynamic_relu_coefficients_without_zero_padding_where_widths_match():
+    """Both DyReLUs of a Mobile sub-block get their coefficients from one pass: a grouped 1×1 conv when
+    their widths match (no zero weights), a block-diagonal linear layer when they differ; either way the
+    (a₁, a₂) pairs equal the training form's, also after a channel reorder (a split conv's output order)."""
+    from qbheat.models.mobileformer import LeanDynamicReLUs
+
+    torch.manual_seed(5)
+    token0 = torch.randn(3, 32)
+    for widths, grouped in (((24, 24), True), ((16, 24), False)):
+        acts = [_realistic(DynamicReLU(c, 32), seed=i).eval() for i, c in enumerate(widths)]
+        lean = LeanDynamicReLUs(acts).eval()
+        assert lean.grouped is grouped
+        weights = sum(a.hyper[2].weight.numel() for a in acts)
+        assert lean.fc2.weight.numel() == (weights if grouped else weights * len(acts))
+        order = torch.randperm(widths[0])
+        lean.reorder(0, order)
+        with torch.no_grad():
+            got = lean(token0)
+            want = [c for a in acts for c in a.coefficients(token0)]
+        want[0], want[1] = want[0][:, order], want[1][:, order]
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and torch.allclose(g, w, atol=1e-6)

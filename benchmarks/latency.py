@@ -50,7 +50,7 @@ from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, round_ratios, summarize, target_verdict, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
 from deploy_targets.runners.openvino_runner import shared_core
-from lean_graph import INT8_SCOPES, openvino_by_type  # benchmarks/lean_graph.py: the same 'convs' scope measured there
+from lean_graph import openvino_by_type  # benchmarks/lean_graph.py: OpenVINO PERF_COUNT time by node type
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 
@@ -166,18 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                 configs[f"{name} | {label} {variant}"] = (lambda r=r: r.run({"x": x1}))
                 closers.append(r)
         if name == mf:
-            import nncf
             import openvino as ov
+
+            from export.openvino_format import quantize_int8
 
             t0 = time.perf_counter()
             ov_model = shared_core().read_model(str(work / f"{name}_lean.onnx"))
-            # 'convs': NNCF's default also quantises the ~100 token MatMuls and the attention; on this
-            # AVX2 CPU that ran slower than f32 (0.78×) and, with O(1) activations, broke parity
-            # (cosine 0.66); convolutions only kept cosine ≥ 0.999 (benchmarks/results/lean_graph.md).
-            scope = (nncf.IgnoredScope(types=INT8_SCOPES["convs"]["ignored_scope"], validate=False)
-                     if args.int8_scope == "convs" else None)
-            q = nncf.quantize(ov_model, nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]), subset_size=len(calib),
-                              **({"ignored_scope": scope} if scope else {}))
+            # The export's own INT8 step (export.quantize.INT8_SCOPES; 'convs' is its default): NNCF's
+            # default scope also quantises the ~100 token MatMuls and the attention, which on this AVX2
+            # CPU ran slower than f32 (0.71×) and, with O(1) activations, broke parity (lean_graph.md).
+            q = quantize_int8(ov_model, calib, detector=False, scope=args.int8_scope)
             ov.save_model(q, str(work / f"{name}_int8.xml"), compress_to_fp16=False)
             print(f"NNCF INT8 in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             r = get_runner("openvino", threads=args.threads, precision="int8").load(work / f"{name}_int8.xml", batch=1)

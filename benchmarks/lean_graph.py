@@ -68,6 +68,7 @@ import torch.nn as nn
 from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
+from export.quantize import INT8_SCOPES as EXPORT_INT8_SCOPES
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
 from deploy_targets.runners.openvino_runner import shared_core
@@ -226,7 +227,7 @@ def profile_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 20) -> di
 INT8_SCOPES = {  # what NNCF quantises (OpenVINO post-training quantisation, natural-image calibration)
     "all": {},  # NNCF's default: convolutions, every MatMul (token projections, attention), elementwise ops
     "transformer": {"model_type": "TRANSFORMER"},  # NNCF's transformer preset (SmoothQuant, no Softmax/LN)
-    "convs": {"ignored_scope": ["MatMul", "Softmax", "MVN", "Multiply", "Maximum", "Add"]},  # ours
+    "convs": {"ignored_scope": EXPORT_INT8_SCOPES["convs"]["openvino_ignored_types"]},  # ours: the export's default
 }
 
 

@@ -13,6 +13,7 @@ with ``INFERENCE_PRECISION_HINT=f32``: this CPU would otherwise run bf16 and dif
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -60,16 +61,40 @@ def save(model, xml_path: str | os.PathLike, compress_to_fp16: bool) -> list[Pat
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
-def quantize_int8(model, images: np.ndarray, detector: bool, quiet: bool = False):
-    """NNCF post-training INT8 of ``model`` (an FP32 ov.Model) on ``images`` (N×3×H×W). NNCF's progress
-    bars go to stderr, or nowhere when ``quiet``."""
+def quantize_int8(model, images: np.ndarray, detector: bool, quiet: bool = False, scope: str = "convs"):
+    """NNCF post-training INT8 of ``model`` (an FP32 ov.Model) on ``images`` (N×3×H×W), leaving out the
+    op types of ``export.quantize.INT8_SCOPES[scope]`` (and a detector's decoding math). NNCF's
+    progress bars go to stderr, or nowhere when ``quiet``."""
     import nncf
 
+    from export.quantize import INT8_SCOPES
+
     dataset = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
-    ignored = nncf.IgnoredScope(types=DETECTOR_IGNORED_TYPES, validate=False) if detector else None
-    kwargs = {"ignored_scope": ignored} if ignored is not None else {}
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stderr):  # NNCF's bars go to stdout
+    types = list(dict.fromkeys(INT8_SCOPES[scope]["openvino_ignored_types"] + (DETECTOR_IGNORED_TYPES if detector else [])))
+    kwargs = {"ignored_scope": nncf.IgnoredScope(types=types, validate=False)} if types else {}
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stderr), \
+            _nncf_log_to(devnull if quiet else sys.stderr):  # NNCF's bars and its log both go to stdout by default
         return nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
+
+
+@contextlib.contextmanager
+def _nncf_log_to(stream):
+    """NNCF's logger writes to the stdout it found at import (``redirect_stdout`` does not reach it), and
+    lists every node an ignored scope leaves out at INFO level. While quantising, it writes warnings and
+    errors only, to ``stream``; stdout stays the CLI's (``--json``)."""
+    from nncf.common.logging import nncf_logger
+
+    handlers = [h for h in nncf_logger.handlers if isinstance(h, logging.StreamHandler)]
+    streams, level = [h.stream for h in handlers], nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    for h in handlers:
+        h.setStream(stream)
+    try:
+        yield
+    finally:
+        for h, old in zip(handlers, streams):
+            h.setStream(old)
+        nncf_logger.setLevel(level)
 
 
 def runner(xml_path: str | os.PathLike, threads: int = 2):

@@ -450,7 +450,7 @@ def _build_onnx(ctx: _Context, precision: str) -> dict:
         from export.quantize import quantize_onnx_int8
 
         path = ctx.path("onnx", "model.int8.onnx")
-        notes += quantize_onnx_int8(ctx.onnx_fp32(), path, ctx.calib.inputs, "image")
+        notes += quantize_onnx_int8(ctx.onnx_fp32(), path, ctx.calib.inputs, "image", ctx.recipe.int8_scope)
         _add_onnx_metadata(path, {**ctx.metadata, "precision": "int8"})
     if ctx.recipe.simplify and precision != "int8":
         notes += onnx_format.simplify(path, ctx.check.inputs[:2])
@@ -491,10 +491,10 @@ def _build_openvino(ctx: _Context, precision: str) -> dict:
         notes.append("FP16-compressed weights; compute precision is the device's (parity uses the f32 hint)")
     else:
         model = openvino_format.quantize_int8(ctx.ov_fp32().clone(), ctx.calib.inputs, ctx.src["task"] == "detector",
-                                              quiet=ctx.quiet)
+                                              quiet=ctx.quiet, scope=ctx.recipe.int8_scope)
         model.set_rt_info("int8", ["model_info", "precision"])
         files = openvino_format.save(model, xml, compress_to_fp16=False)
-        notes.append(f"NNCF post-training INT8 on {len(ctx.calib.names)} calibration images")
+        notes.append(f"NNCF post-training INT8 on {len(ctx.calib.names)} calibration images, scope {ctx.recipe.int8_scope!r}")
     return _artifact(ctx, "openvino", precision, files, fp32_pinned=pinned, notes=notes)
 
 

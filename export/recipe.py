@@ -10,6 +10,7 @@ to change. Example recipe::
     formats: [onnx, openvino, coreml]
     precisions: [fp32, fp16, int8]
     calibration: data/calib           # folder of images; default: scikit-image's bundled photos
+    int8_scope: convs                 # convs (default) | all
     image_size: 224
     out: artifacts/mf294
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from export.quantize import INT8_SCOPES
 from qbheat.errors import QBHeatError
 
 FORMATS = ("onnx", "openvino", "coreml", "tensorrt")
@@ -39,6 +41,7 @@ class ExportRecipe:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
     calibration: str | None = None  # folder of images; None = scikit-image's bundled photographs
     calibration_count: int = 16  # images used for INT8 calibration and the FP16 guard
+    int8_scope: str = "convs"  # what INT8 quantises, a key of export.quantize.INT8_SCOPES: convs | all
     image_size: int | None = None  # default: the checkpoint's / model's input size
     out: str | None = None
     allow_mismatch: bool = False  # keep artifacts outside tolerance, recorded in the card
@@ -94,6 +97,8 @@ class ExportRecipe:
             raise QBHeatError(f"--image-size {self.image_size} must be a multiple of 32 (the backbones' largest stride), at least 32.")
         if self.num_classes is not None and self.num_classes < 1:
             raise QBHeatError("--num-classes must be at least 1.")
+        if self.int8_scope not in INT8_SCOPES:
+            raise QBHeatError(f"unknown --int8-scope {self.int8_scope!r}; choose {' or '.join(INT8_SCOPES)}.")
         if self.calibration_count < 1:
             raise QBHeatError("--calibration-count must be at least 1.")
         if self.max_batch < 4:

@@ -1,6 +1,8 @@
 """Fast checks: CLI errors, recipe, parity metrics, FP16 guard, TensorRT operator check, doctor."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,9 @@ def test_recipe_yaml_and_flags_override(tmp_path):
     path.write_text("model: resnet10t\nout: x\nfrobnicate: 1\n")
     with pytest.raises(QBHeatError, match="unknown field 'frobnicate'"):
         ExportRecipe.from_yaml(path)
+    assert r.int8_scope == "convs" and recipe_from_args(parser.parse_args(["--model", "m", "--out", "o", "--int8-scope", "all"])).int8_scope == "all"
+    with pytest.raises(QBHeatError, match="unknown --int8-scope 'matmuls'; choose convs or all"):
+        ExportRecipe(model="m", out="o", int8_scope="matmuls").validate()
 
 
 # -- parity metrics ------------------------------------------------------------------------------
@@ -443,16 +448,60 @@ def test_worker_output_does_not_reach_the_terminal(capfd):
     assert "noise" not in out + err
 
 
+class _ConvThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_int8_scope_convs_leaves_matmuls_in_float_on_both_quantisers(tmp_path):
+    """'convs' (the default) quantises the convolutions only; 'all' also the Linear layer, in ONNX
+    Runtime's QDQ graph and in NNCF's OpenVINO model alike."""
+    import onnx
+    import openvino as ov
+
+    from export.openvino_format import quantize_int8
+    from export.quantize import quantize_onnx_int8
+
+    net = _ConvThenLinear().eval()
+    images = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    torch.onnx.export(net, (torch.from_numpy(images[:1]),), str(tmp_path / "m.onnx"), dynamo=True, input_names=["image"])
+
+    def onnx_quantised(scope: str) -> set[str]:
+        dst = tmp_path / f"{scope}.onnx"
+        notes = quantize_onnx_int8(tmp_path / "m.onnx", dst, images, "image", scope)
+        assert f"scope {scope!r}" in notes[-1]
+        g = onnx.load(str(dst)).graph
+        from_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+        return {n.op_type for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul") and any(i in from_dq for i in n.input)}
+
+    def openvino_quantised(scope: str) -> set[str]:
+        q = quantize_int8(ov.convert_model(net, example_input=torch.from_numpy(images[:1])), images, detector=False,
+                          quiet=True, scope=scope)
+        fq = {op.output(0).get_node() for op in q.get_ops() if op.get_type_name() == "FakeQuantize"}
+        return {t.get_node().get_type_name() for op in fq for t in op.output(0).get_target_inputs()}
+
+    assert onnx_quantised("convs") == {"Conv"} and onnx_quantised("all") >= {"Conv"} and len(onnx_quantised("all")) == 2
+    assert "Convolution" in openvino_quantised("convs") and "MatMul" not in openvino_quantised("convs")
+    assert "MatMul" in openvino_quantised("all")
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_nncf_progress_goes_to_stderr_or_nowhere_when_quiet(capfd, quiet):
     import openvino as ov
 
     from export.openvino_format import quantize_int8
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    from nncf.common.logging import nncf_logger
+
+    net = _ConvThenLinear().eval()  # the Linear layer is left out by the default scope: NNCF logs that at INFO
     model = ov.convert_model(net, example_input=torch.zeros(1, 3, 16, 16))
     images = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
     quantize_int8(model, images, detector=False, quiet=quiet)
     out, err = capfd.readouterr()
-    assert out == ""  # stdout is the CLI's (e.g. --json); NNCF never writes there
+    assert out == ""  # stdout is the CLI's (e.g. --json); neither NNCF's bars nor its log write there
+    assert "INFO:nncf" not in err and nncf_logger.level == logging.INFO  # the INFO list is dropped, the level restored
     assert ("Statistics collection" in err) != quiet, err[-300:]

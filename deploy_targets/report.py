@@ -20,7 +20,7 @@ from typing import Any
 
 from . import fingerprint as fp
 from ._errors import QBHeatError
-from .results import SCHEMA, read_document, row_label, validate_document, write_text_atomic
+from .results import SCHEMA, options_label, read_document, row_label, validate_document, write_text_atomic
 
 MIN_THRESHOLD = 0.05
 
@@ -102,7 +102,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")
         art = r["artifact"]
-        opts = " ".join(str(v) for v in (r.get("options") or {}).values() if isinstance(v, (str, int)))
+        opts = options_label(r, " ")
         lines.append("| " + " | ".join([
             r["target"], str(r.get("model") or "–"), f"`{Path(art['path']).name}`", str(art.get("precision")),
             r["runtime"] + (f" ({opts})" if opts else ""), str(r["threads"]), str(r["batch"]),

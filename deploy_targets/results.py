@@ -86,8 +86,15 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def options_label(row: dict[str, Any], sep: str = ",") -> str:
+    """A row's runner options, short: text values as they are ('CPU', 'f32'), numbers and flags as
+    key=value ('static_shapes=True'), so that no bare True or 2 stands in a table without its name."""
+    return sep.join(v if isinstance(v, str) else f"{k}={v}" for k, v in (row.get("options") or {}).items()
+                    if isinstance(v, (str, int, float)))
+
+
 def row_label(row: dict[str, Any]) -> str:
-    opts = ",".join(f"{v}" for v in (row.get("options") or {}).values() if isinstance(v, (str, int))) if row.get("options") else ""
+    opts = options_label(row)
     art = row["artifact"]
     return f"{row['target']} · {art.get('format')}/{art.get('precision')} · {row['runtime']}{' ' + opts if opts else ''} · t{row['threads']} b{row['batch']}"
 
@@ -99,7 +106,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")
         lines.append([r["target"], str(r.get("model") or "?"), f"{Path(r['artifact']['path']).name} ({r['artifact'].get('precision')})",
-                      r["runtime"] + ("" if not r.get("options") else " " + ",".join(str(v) for v in r["options"].values() if isinstance(v, (str, int)))),
+                      r["runtime"] + (" " + options_label(r) if options_label(r) else ""),
                       str(r["threads"]), str(r["batch"]),
                       _ms(r.get("load_ms")), _ms(r.get("first_inference_ms")), _ms(s.get("p50")), _ms(s.get("p90")), _ms(s.get("p99")),
                       f"{s['cv'] * 100:.1f}" if s else "–", _ms(e.get("p50")),

@@ -82,6 +82,16 @@ def test_markdown_environment_names_pinned_cores_and_instruction_sets():
     assert "Test CPU (2 cores)" in to_markdown(_doc([_row("laptop", "xml", "int8", 2.0, 0.02, 0.99)]))
 
 
+def test_option_labels_name_numbers_and_flags():
+    from deploy_targets.results import format_table, options_label, row_label
+
+    row = _row("laptop", "xml", "fp32", 2.0, 0.02, 1.0)
+    row["options"] = {"device": "CPU", "inference_precision": "f32", "static_shapes": True, "streams": 1}
+    assert options_label(row) == "CPU,f32,static_shapes=True,streams=1"
+    assert "openvino CPU,f32,static_shapes=True,streams=1" in format_table([row]) and "CPU,f32,static_shapes=True" in row_label(row)
+    assert "(CPU f32 static_shapes=True streams=1)" in to_markdown(_doc([row]))
+
+
 def test_markdown_marks_noisy_rows():
     md = to_markdown(_doc([_row("laptop", "xml", "int8", 2.0, 0.2, 0.97)]))
     assert "10.0 ⚠" in md

@@ -70,11 +70,16 @@ def quantize_int8(model, images: np.ndarray, detector: bool, quiet: bool = False
     from export.quantize import INT8_SCOPES
 
     dataset = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
-    types = list(dict.fromkeys(INT8_SCOPES[scope]["openvino_ignored_types"] + (DETECTOR_IGNORED_TYPES if detector else [])))
+    spec = INT8_SCOPES[scope]
+    types = list(dict.fromkeys(spec["openvino_ignored_types"] + (DETECTOR_IGNORED_TYPES if detector else [])))
     kwargs = {"ignored_scope": nncf.IgnoredScope(types=types, validate=False)} if types else {}
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stderr), \
             _nncf_log_to(devnull if quiet else sys.stderr):  # NNCF's bars and its log both go to stdout by default
-        return nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
+        q = nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
+        if spec["openvino_weight_only_int8"]:  # the float MatMuls' weights in INT8 (the quantised convs are left alone)
+            q = nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=nncf.IgnoredScope(
+                types=["Convolution", "GroupConvolution", "Gather"], validate=False))
+        return q
 
 
 @contextlib.contextmanager

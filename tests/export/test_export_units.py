@@ -478,15 +478,25 @@ def test_int8_scope_convs_leaves_matmuls_in_float_on_both_quantisers(tmp_path):
         from_dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
         return {n.op_type for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul") and any(i in from_dq for i in n.input)}
 
-    def openvino_quantised(scope: str) -> set[str]:
+    def openvino_quantised(scope: str) -> tuple[set[str], bool]:
+        """Op types fed by a FakeQuantize (INT8 activations), and whether the MatMul's weight is an INT8 constant."""
         q = quantize_int8(ov.convert_model(net, example_input=torch.from_numpy(images[:1])), images, detector=False,
                           quiet=True, scope=scope)
         fq = {op.output(0).get_node() for op in q.get_ops() if op.get_type_name() == "FakeQuantize"}
-        return {t.get_node().get_type_name() for op in fq for t in op.output(0).get_target_inputs()}
+        fed = {t.get_node().get_type_name() for op in fq for t in op.output(0).get_target_inputs()}
+        matmul = next(op for op in q.get_ops() if op.get_type_name() == "MatMul")
+        node, int8_weight = matmul.input_value(1).get_node(), False
+        for _ in range(6):  # Convert <- Multiply <- Subtract <- Convert <- Constant(u8) under weight compression
+            int8_weight |= node.get_type_name() == "Constant" and node.get_element_type().get_type_name() in ("u8", "i8")
+            if node.get_input_size() == 0:
+                break
+            node = node.input_value(0).get_node()
+        return fed, int8_weight
 
     assert onnx_quantised("convs") == {"Conv"} and onnx_quantised("all") >= {"Conv"} and len(onnx_quantised("all")) == 2
-    assert "Convolution" in openvino_quantised("convs") and "MatMul" not in openvino_quantised("convs")
-    assert "MatMul" in openvino_quantised("all")
+    fed, int8_weight = openvino_quantised("convs")
+    assert "Convolution" in fed and "MatMul" not in fed and int8_weight  # float activations, INT8 weights
+    assert "MatMul" in openvino_quantised("all")[0]
 
 
 @pytest.mark.parametrize("quiet", [False, True])

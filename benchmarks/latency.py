@@ -7,8 +7,8 @@ fp32, OpenVINO f32 (the f32 hint: this CPU would otherwise run bf16; compiled fo
 as ``deploy_targets``' runner does, with the dynamic-batch compile timed beside it for the lean graphs),
 each for the *plain* export and
 the *lean* one (after ``timm.utils.model.reparameterize_model``, which Mobile-Former's ``fuse()``
-hooks into), plus OpenVINO INT8 (NNCF post-training quantisation of the lean graph, calibrated on
-natural images) for Mobile-Former. After the protocol's warmup, each of ``--rounds`` rounds times
+hooks into), plus OpenVINO INT8 of the lean graph for Mobile-Former (the export's own INT8 step,
+``export.openvino_format.quantize_int8`` with ``--int8-scope``, calibrated on natural images). After the protocol's warmup, each of ``--rounds`` rounds times
 all configurations with ``deploy_targets.protocol.timed_interleaved``: turns of ``--turn-warmup``
 untimed and ``--block`` timed runs of each, a ``--settle`` pause after each turn, until every
 configuration has its minimum runs and seconds, so load bursts and drift on this shared machine
@@ -50,6 +50,7 @@ from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, round_ratios, summarize, target_verdict, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
 from deploy_targets.runners.openvino_runner import shared_core
+from export.quantize import INT8_SCOPES
 from lean_graph import openvino_by_type  # benchmarks/lean_graph.py: OpenVINO PERF_COUNT time by node type
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
@@ -120,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=0.1,
                    help="seconds of pause after each turn (lets ONNX Runtime's spinning threads go idle)")
     p.add_argument("--calibration", type=int, default=32, help="natural images for NNCF INT8 calibration")
-    p.add_argument("--int8-scope", choices=("convs", "all"), default="convs",
-                   help="what NNCF quantises: 'convs' (token matmuls, softmax, LayerNorm and the DyReLU/bridge "
-                        "elementwise ops left f32) or 'all' (NNCF's default)")
+    p.add_argument("--int8-scope", choices=tuple(INT8_SCOPES), default="convs",
+                   help="the export's --int8-scope (export.quantize.INT8_SCOPES): 'convs' (convolutions quantised; token "
+                        "matmuls, softmax, LayerNorm and the DyReLU/bridge elementwise ops float, MatMul weights INT8) or 'all'")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -26,8 +26,10 @@ import numpy as np
 # function; MobileNetV3-L 1.45× with cosine 0.83, against 1.39× and 0.81.
 # Under 'convs', OpenVINO also stores the float MatMuls' weights as INT8 (NNCF weight compression:
 # activations stay float, weights are dequantised in the kernel), which keeps the file near the
-# 'all' scope's size (MF-294M + MergeClassifier IR: 40.6 → 15.3 MB) at cosine 0.99993 and unchanged
-# speed. ONNX has no portable weight-only form, so its Linear weights stay FP32.
+# 'all' scope's size (MF-294M + MergeClassifier IR: 40.6 → 15.3 MB) at cosine 0.99993 to the INT8 model
+# without it. Speed is within noise (one A/B: 1.04–1.19× f32 against 1.07–1.20×), though OpenVINO's
+# counters show the compressed FullyConnected nodes ~24 % slower than f32 ones on an AVX2 CPU.
+# ONNX has no portable weight-only form, so its Linear weights stay FP32.
 INT8_SCOPES = {
     "convs": {"onnx_op_types": ["Conv"],
               "openvino_ignored_types": ["MatMul", "Softmax", "MVN", "Multiply", "Maximum", "Add"],

@@ -91,14 +91,19 @@ def _nncf_log_to(stream):
 
     handlers = [h for h in nncf_logger.handlers if isinstance(h, logging.StreamHandler)]
     streams, level = [h.stream for h in handlers], nncf_logger.level
+
+    def point(h: logging.StreamHandler, s) -> None:  # not setStream: it flushes the old stream, which may be closed
+        with h.lock:
+            h.stream = s
+
     nncf_logger.setLevel(logging.WARNING)
     for h in handlers:
-        h.setStream(stream)
+        point(h, stream)
     try:
         yield
     finally:
         for h, old in zip(handlers, streams):
-            h.setStream(old)
+            point(h, old)
         nncf_logger.setLevel(level)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy_targets.runners.openvino_runner import shared_core
+from export.quantize import INT8_SCOPES
 
 PARITY_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 DETECTOR_IGNORED_TYPES = ["Multiply", "Subtract", "Add", "Divide", "Sigmoid", "Sqrt", "Maximum", "Minimum", "Clamp"]
@@ -66,8 +67,6 @@ def quantize_int8(model, images: np.ndarray, detector: bool, quiet: bool = False
     op types of ``export.quantize.INT8_SCOPES[scope]`` (and a detector's decoding math). NNCF's
     progress bars go to stderr, or nowhere when ``quiet``."""
     import nncf
-
-    from export.quantize import INT8_SCOPES
 
     dataset = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
     spec = INT8_SCOPES[scope]

@@ -41,9 +41,13 @@ N_GOLDEN = 4
 
 
 def select_artifacts(card: dict[str, Any], profile: Profile) -> list[dict[str, Any]]:
-    """The card's artifacts the profile's runtime can run, at the profile's precision (``any`` = all)."""
+    """The card's artifacts the profile's runtime can run, at the profile's precision (``any`` = all).
+
+    TensorRT does not take the ONNX INT8 artifact: it is typed for ONNX Runtime (UINT8 activations with
+    zero points, INT32 biases), and TensorRT's INT8 source is the Q/DQ file that ships with its engine."""
     chosen = [a for a in card["artifacts"] if profile.runtime in FORMAT_RUNTIMES.get(a["format"], ())
-              and (profile.precision == "any" or a["precision"] == profile.precision)]
+              and (profile.precision == "any" or a["precision"] == profile.precision)
+              and not (profile.runtime == "tensorrt" and a["format"] == "onnx" and a["precision"] == "int8")]
     if not chosen:
         have = [f"{a['format']}/{a['precision']}" for a in card["artifacts"]]
         raise QBHeatError(f"the export has no artifact that {profile.runtime} runs at precision {profile.precision} "

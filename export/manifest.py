@@ -31,7 +31,10 @@ Optional keys written by ``export.pipeline`` (additive; readers may ignore them)
     calibration            {source, count, sha256 of the uint8 images}
     parity_images          {source, count, sha256, batches}
     parity_tolerances      the tolerance table used (export.parity)
-    not_built              [{format, precisions, reason, onnx_check}] requested but impossible here (e.g. TensorRT)
+    not_built              [{format, precisions, reason, onnx_check, int8_qdq_check}] requested but impossible here
+                           (e.g. TensorRT: its FP32 ONNX source checked against the parser; with INT8, the Q/DQ
+                           source checked too and run on ONNX Runtime: {file, notes, check, onnxruntime_parity,
+                           min_cosine, passed})
     allow_mismatch, notes, timings_s, recipe
 """
 from __future__ import annotations

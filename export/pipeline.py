@@ -4,8 +4,9 @@ Steps (each printed on stderr with its time):
 
 1. Resolve the recipe; check the output folder can be written and the requested backends import
    (before any work). TensorRT is special: it needs an NVIDIA GPU and a package this project's
-   registries cannot provide, so where it cannot build, the ONNX file is checked against its
-   parser's operator list and the card's ``not_built`` says what was not built and why; the
+   registries cannot provide, so where it cannot build, the ONNX files it would be built from are
+   checked against its parser's rules (the FP32 file; with INT8, the TensorRT-style Q/DQ file, which
+   also runs on ONNX Runtime against PyTorch) and the card's ``not_built`` says what was not built and why; the
    export fails on it only when TensorRT was the only format asked for (our decision: one
    impossible target should not cost the user the others).
 2. Load: a qbheat checkpoint (pretrain / probe / detector; a probe's or detector's trained head and
@@ -25,6 +26,7 @@ Steps (each printed on stderr with its time):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -302,16 +304,22 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
 
     if trt_check_needed:
         steps.start("tensorrt: ONNX parser operator check")
-        onnx_path = ctx.onnx_fp32()
         from export import tensorrt_format
 
-        report = tensorrt_format.check_onnx(onnx_path)
+        report = tensorrt_format.check_onnx(ctx.onnx_fp32())
+        qdq = _check_tensorrt_qdq(ctx) if "int8" in recipe.precisions else None
         for n in not_built:
             if n["format"] == "tensorrt":
                 n["onnx_check"] = report
-        steps.done("parsable" if report["parsable"] else f"unsupported: {report['unsupported'] + report['restrictions']}")
+                if qdq is not None:
+                    n["int8_qdq_check"] = qdq
+        problems = report["unsupported"] + report["restrictions"] + (qdq["check"]["restrictions"] if qdq else [])
+        steps.done(("parsable" if not problems else f"problems: {problems}")
+                   + (f"; INT8 Q/DQ file on ONNX Runtime: min cosine {qdq['min_cosine']:.4f}" if qdq else ""))
     for extra in ctx.scratch:
         shutil.rmtree(extra, ignore_errors=True) if extra.is_dir() else extra.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a format folder that held only scratch files
+            extra.parent.rmdir()
 
     return _card(ctx, artifacts, not_built, params, macs, steps.timings)
 
@@ -363,6 +371,8 @@ class _Context:
         self.scratch: list[Path] = []
         self.quiet = quiet  # --quiet: the converters' own progress output (NNCF's bars) is discarded too
         self._onnx_fp32: Path | None = None
+        self._onnx_fp16: tuple[Path, list[str]] | None = None
+        self._tensorrt_qdq: Path | None = None
         self._ov_fp32 = None
         self.metadata = {
             "qbheat.model_card_schema": SCHEMA, "model": src["name"], "head": src["task"], "head_variant": src["variant"],
@@ -393,6 +403,36 @@ class _Context:
                 self.scratch.append(path)
             self._onnx_fp32 = path
         return self._onnx_fp32
+
+    def onnx_fp16(self) -> tuple[Path, list[str]]:
+        """The FP16 ONNX file (built once; also the source of TensorRT FP16) and the modules kept in FP32."""
+        if self._onnx_fp16 is None:
+            from export import onnx_format
+            from export.fp16_guard import half_with_fp32_islands
+
+            pinned = self.pinned
+            path = self.path("onnx", "model.fp16.onnx")
+            if pinned:  # modules the guard keeps in float32: export the mixed-precision module itself
+                program, example = export_program(half_with_fp32_islands(self.deploy, pinned), self.pre.input_size, self.recipe.max_batch)
+                onnx_format.export_program(program, example, path, "image", self.output_names, {**self.metadata, "precision": "fp16"})
+            else:  # nothing pinned: cast the FP32 graph (same function, no second torch.export)
+                onnx_format.to_float16(self.onnx_fp32(), path, {**self.metadata, "precision": "fp16"})
+            if "onnx" not in self.recipe.formats:
+                self.scratch.append(path)
+            self._onnx_fp16 = (path, pinned)
+        return self._onnx_fp16
+
+    def tensorrt_qdq(self) -> Path:
+        """The INT8 Q/DQ ONNX file in TensorRT's style (built once): the TensorRT INT8 engine's source."""
+        if self._tensorrt_qdq is None:
+            from export.quantize import quantize_onnx_int8
+
+            path = self.path("tensorrt", "model.int8.qdq.onnx")
+            self.tensorrt_qdq_notes = quantize_onnx_int8(self.onnx_fp32(), path, self.calib.inputs, "image",
+                                                         self.recipe.int8_scope, style="tensorrt")
+            _add_onnx_metadata(path, {**self.metadata, "precision": "int8"})
+            self._tensorrt_qdq = path
+        return self._tensorrt_qdq
 
     def ov_fp32(self):
         if self._ov_fp32 is None:
@@ -434,16 +474,7 @@ def _build_onnx(ctx: _Context, precision: str) -> dict:
         if ctx._onnx_fp32 in ctx.scratch:
             ctx.scratch.remove(path)
     elif precision == "fp16":
-        from export.fp16_guard import half_with_fp32_islands
-
-        pinned = ctx.pinned
-        path = ctx.path("onnx", "model.fp16.onnx")
-        if pinned:  # modules the guard keeps in float32: export the mixed-precision module itself
-            half = half_with_fp32_islands(ctx.deploy, pinned)
-            program, example = export_program(half, ctx.pre.input_size, ctx.recipe.max_batch)
-            onnx_format.export_program(program, example, path, "image", ctx.output_names, {**ctx.metadata, "precision": "fp16"})
-        else:  # nothing pinned: cast the FP32 graph (same function, no second torch.export)
-            onnx_format.to_float16(ctx.onnx_fp32(), path, {**ctx.metadata, "precision": "fp16"})
+        path, pinned = ctx.onnx_fp16()
         notes.append("float16 compute with float32 inputs/outputs; ONNX Runtime's CPU provider runs float16 nodes "
                      "without CPU kernels through inserted casts, so CPU parity is optimistic for FP16")
     else:
@@ -534,18 +565,40 @@ def _build_coreml(ctx: _Context, precision: str) -> dict:
 
 
 def _build_tensorrt(ctx: _Context, precision: str) -> dict:
+    """An engine from the ONNX file of the same precision (strongly typed: the file sets each layer's type)."""
     from export import tensorrt_format
-    from export.fp16_guard import pinned_node_names
 
     engine = ctx.path("tensorrt", f"model.{precision}.engine")
-    facts = tensorrt_format.build_engine(
-        ctx.onnx_fp32(), engine, precision, input_shape=(3, ctx.pre.input_size, ctx.pre.input_size),
-        batch=(1, 4, ctx.recipe.max_batch), calibration=ctx.calib.inputs if precision == "int8" else None,
-        timing_cache=ctx.path("tensorrt", "timing.cache"), fp32_layers=pinned_node_names(ctx.program, ctx.pinned),
-        metadata=ctx.metadata)
-    sidecar = Path(str(engine) + ".json")
-    return _artifact(ctx, "tensorrt", precision, [engine, sidecar], fp32_pinned=facts["fp32_layers"],
-                     notes=[f"TensorRT {facts['tensorrt']}, profile batch {facts['profile']}; metadata in the sidecar JSON"])
+    notes, pinned = [], []
+    if precision == "fp32":
+        source = ctx.onnx_fp32()
+    elif precision == "fp16":
+        source, pinned = ctx.onnx_fp16()
+    else:
+        source = ctx.tensorrt_qdq()
+        notes += ctx.tensorrt_qdq_notes
+    facts = tensorrt_format.build_engine(source, engine, precision, batch=(1, 4, ctx.recipe.max_batch),
+                                         timing_cache=ctx.path("tensorrt", "timing.cache"), metadata=ctx.metadata)
+    files = [engine, Path(str(engine) + ".json")] + ([source] if precision == "int8" else [])
+    notes.append(f"TensorRT {facts['tensorrt']}, {'strongly' if facts['strongly_typed'] else 'weakly'} typed from "
+                 f"{source.name}, profile batch {facts['profile']}; metadata in the sidecar JSON")
+    return _artifact(ctx, "tensorrt", precision, files, fp32_pinned=pinned, notes=notes)
+
+
+def _check_tensorrt_qdq(ctx: _Context) -> dict:
+    """Where TensorRT cannot build: the INT8 Q/DQ file an engine would be built from, checked against
+    TensorRT's parser rules and run on ONNX Runtime against PyTorch (its quantisation points and
+    scales are the engine's, so this is the INT8 engine's quantisation error, up to kernel rounding)."""
+    from export import onnx_format, tensorrt_format
+
+    path = ctx.tensorrt_qdq()
+    ctx.scratch.append(path)
+    run = onnx_format.runner(path)
+    results = {f"batch{b}": parity.compare(ctx.src["task"], ctx.src["variant"], ctx.output_names, ctx.ref[b], run(ctx.check.inputs[:b]),
+                                           "onnx", "int8", nms=_nms_fn(ctx)) for b in PARITY_BATCHES}
+    cosines = [v.get("cosine_min", 1.0) for r in results.values() for v in r["outputs"].values()]
+    return {"file": path.name, "notes": ctx.tensorrt_qdq_notes, "check": tensorrt_format.check_onnx(path),
+            "onnxruntime_parity": results, "min_cosine": min(cosines), "passed": all(r["passed"] for r in results.values())}
 
 
 BUILDERS = {"onnx": _build_onnx, "openvino": _build_openvino, "coreml": _build_coreml, "tensorrt": _build_tensorrt}

@@ -1,17 +1,27 @@
-"""TensorRT: a serialized engine built from the ONNX file, or, where TensorRT cannot run, a check
-of that ONNX file against the operators TensorRT's ONNX parser supports.
+"""TensorRT: a serialized engine built from the ONNX file of the same precision, or, where TensorRT
+cannot run, a check of those ONNX files against what TensorRT's ONNX parser accepts.
 
-``build_engine`` is the real builder path (TensorRT ≥ 10 Python API): parse the ONNX file, one
-optimization profile for the dynamic batch (min / opt / max), FP16 and INT8 builder flags, an INT8
-entropy calibrator (``IInt8EntropyCalibrator2``) fed with the same calibration images as the other
-formats (with a calibration cache), a timing cache reused across builds, and layers that the FP16
-guard flagged kept in FP32 (``OBEY_PRECISION_CONSTRAINTS``). The engine is written untouched; the
-metadata goes to a sidecar JSON next to it (never a header inside the engine — that breaks
-``trtexec`` and C++ loaders, the Ultralytics mistake).
+``build_engine`` is the real builder path (TensorRT ≥ 10 Python API, through
+``deploy_targets.runners.tensorrt_runner.build_engine_bytes``, the builder the device runner uses):
+parse the ONNX file, one optimization profile for the dynamic batch (min / opt / max), a timing cache
+reused across builds, and a *strongly typed* network, so the file sets the precision:
+
+- fp32: the FP32 ONNX file;
+- fp16: the FP16 ONNX file, whose modules the FP16 guard flagged are FP32 islands (strong typing
+  keeps them FP32; no precision constraints to set);
+- int8: a Q/DQ ONNX file in TensorRT's style (``export.quantize``, style 'tensorrt': signed INT8
+  activations with zero points 0, per-channel INT8 weights, float biases), quantising the recipe's
+  ``--int8-scope``. This is explicit quantisation; TensorRT's INT8 calibrators (implicit
+  quantisation) are deprecated since 10.1 and gone in 11. The file ships beside the engine so that
+  another GPU can rebuild from it (``trtexec --onnx=model.int8.qdq.onnx --stronglyTyped``).
+
+The engine is written untouched; the metadata goes to a sidecar JSON next to it (never a header
+inside the engine — that breaks ``trtexec`` and C++ loaders, the Ultralytics mistake).
 
 It needs ``tensorrt`` (not installable from this project's registries) and an NVIDIA GPU; its
 tests skip otherwise. ``check_onnx`` runs everywhere: it lists the ONNX file's operators that are
-not in ``SUPPORTED_OPS`` and the parser restrictions the file breaks.
+not in ``SUPPORTED_OPS``, the parser restrictions the file breaks, and Q/DQ nodes TensorRT would
+reject (non-zero zero points, unsigned INT8, INT32 quantised biases: ONNX Runtime's own INT8 style).
 """
 from __future__ import annotations
 
@@ -46,25 +56,52 @@ MAX_OPSET_CHECKED = 17  # the snapshot's statement; TensorRT 10 parsers read new
 def check_onnx(path: str | os.PathLike) -> dict:
     """Operators of the ONNX file that the TensorRT parser does not list, and restrictions it breaks."""
     import onnx
+    from onnx import numpy_helper
 
     model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
     consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     ops = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")})
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     unsupported = [op for op in ops if op not in SUPPORTED_OPS] + custom
-    restrictions = []
+    restrictions, qdq_problems = [], {}
     for n in model.graph.node:
-        if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] not in inits | consts:
+        if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] not in inits.keys() | consts:
             restrictions.append(f"TopK {n.name}: K must be an initializer")
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            for problem in _qdq_problems(n, inits, numpy_helper):
+                qdq_problems.setdefault(problem, []).append(n.name)
+    restrictions += [f"{len(names)} Q/DQ node(s) with {problem} (first: {names[0]})" for problem, names in qdq_problems.items()]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     notes = []
     if opset and opset > MAX_OPSET_CHECKED:
         notes.append(f"opset {opset} is newer than the operator table's opset {MAX_OPSET_CHECKED}; TensorRT 10 reads it")
     if any(o.type.tensor_type.elem_type == onnx.TensorProto.INT64 for o in model.graph.output):
         notes.append("INT64 outputs become INT32 in TensorRT")
+    qdq = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if qdq:
+        notes.append(f"{qdq} QuantizeLinear nodes: explicit quantisation")
     return {"ops": ops, "unsupported": unsupported, "restrictions": restrictions, "notes": notes,
             "source": SUPPORTED_OPS_SOURCE, "parsable": not unsupported and not restrictions}
+
+
+# TensorRT quantises symmetrically to signed types: a Q/DQ pair's zero point must be 0 and its
+# quantised side INT8 (or FP8 / INT4); an INT32 DequantizeLinear (ONNX Runtime's quantised bias) is
+# not a type TensorRT dequantises.
+_TRT_QUANTISED_TYPES = {3: "INT8", 17: "FLOAT8E4M3FN", 22: "INT4"}
+
+
+def _qdq_problems(node, inits: dict, numpy_helper) -> list[str]:
+    import onnx
+
+    found = []
+    zero_point = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    quantised = zero_point if zero_point is not None else (inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None)
+    if quantised is not None and quantised.data_type not in _TRT_QUANTISED_TYPES:
+        found.append(f"{onnx.TensorProto.DataType.Name(quantised.data_type)} quantised values (TensorRT takes INT8, FP8 or INT4)")
+    if zero_point is not None and numpy_helper.to_array(zero_point).any():
+        found.append("a non-zero zero point (TensorRT quantises symmetrically)")
+    return found
 
 
 def _require_tensorrt():
@@ -74,90 +111,20 @@ def _require_tensorrt():
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precision: str, *,
-                 input_shape: tuple[int, int, int], batch: tuple[int, int, int] = (1, 4, 32),
-                 calibration: np.ndarray | None = None, timing_cache: str | os.PathLike | None = None,
-                 fp32_layers: set[str] = frozenset(), workspace_gib: float = 2.0, metadata: dict | None = None) -> dict:
-    """Build and serialize a TensorRT engine; write ``<engine>.json`` beside it. Returns build facts.
+                 batch: tuple[int, int, int] = (1, 4, 32), timing_cache: str | os.PathLike | None = None,
+                 workspace_gib: float = 2.0, metadata: dict | None = None) -> dict:
+    """Build and serialize a TensorRT engine from ``onnx_path`` (the ONNX file of ``precision``); write
+    ``<engine>.json`` beside it. Returns build facts. ``batch`` = (min, opt, max) of the optimization
+    profile; the minimum is always 1."""
+    _require_tensorrt()
+    from deploy_targets.runners.tensorrt_runner import build_engine_bytes
 
-    ``batch`` = (min, opt, max) of the optimization profile; ``input_shape`` = (3, H, W).
-    """
-    trt = _require_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    with open(onnx_path, "rb") as f:
-        if not parser.parse(f.read()):
-            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise RuntimeError("TensorRT could not parse the ONNX file: " + "; ".join(errors[:5]))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    inp = network.get_input(0)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, *[(b, *input_shape) for b in batch])
-    config.add_optimization_profile(profile)
-    cache = None
-    if timing_cache is not None:
-        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    pinned = []
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        if calibration is None:
-            raise ValueError("INT8 needs calibration images")
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _entropy_calibrator(trt, calibration, Path(engine_path).with_suffix(".calib"))
-        config.set_calibration_profile(profile)
-    if fp32_layers and precision != "fp32":
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if any(name in layer.name for name in fp32_layers):
-                layer.precision = trt.float32
-                layer.set_output_type(0, trt.float32)
-                pinned.append(layer.name)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError("TensorRT's builder returned no engine; see the TensorRT log above")
-    Path(engine_path).write_bytes(bytes(serialized))
-    if cache is not None:
-        Path(timing_cache).write_bytes(bytes(cache.serialize()))
-    facts = {"tensorrt": trt.__version__, "precision": precision, "profile": {"min": batch[0], "opt": batch[1], "max": batch[2]},
-             "input_shape": list(input_shape), "fp32_layers": pinned}
-    sidecar = {**(metadata or {}), **facts}
-    Path(str(engine_path) + ".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    serialized, facts = build_engine_bytes(onnx_path, precision, max_batch=batch[2], opt_batch=batch[1],
+                                           workspace_mib=int(workspace_gib * 1024), timing_cache=timing_cache)
+    Path(engine_path).write_bytes(serialized)
+    facts = {**facts, "source_onnx": Path(onnx_path).name}
+    Path(str(engine_path) + ".json").write_text(json.dumps({**(metadata or {}), **facts}, indent=2) + "\n")
     return facts
-
-
-def _entropy_calibrator(trt, images: np.ndarray, cache_path: Path):
-    """IInt8EntropyCalibrator2 over ``images`` (N×3×H×W float32), one image per batch, cached."""
-    import torch  # device memory through torch's CUDA allocator: no pycuda dependency
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self.images, self.i = np.ascontiguousarray(images, np.float32), 0
-            self.buffer = torch.empty((1, *images.shape[1:]), dtype=torch.float32, device="cuda")
-
-        def get_batch_size(self):
-            return 1
-
-        def get_batch(self, names):
-            if self.i >= len(self.images):
-                return None
-            self.buffer.copy_(torch.from_numpy(self.images[self.i:self.i + 1]))
-            self.i += 1
-            return [int(self.buffer.data_ptr())]
-
-        def read_calibration_cache(self):
-            return cache_path.read_bytes() if cache_path.is_file() else None
-
-        def write_calibration_cache(self, cache):
-            cache_path.write_bytes(bytes(cache))
-
-    return EntropyCalibrator()
 
 
 def runner(engine_path: str | os.PathLike):

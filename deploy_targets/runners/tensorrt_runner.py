@@ -1,9 +1,18 @@
 """TensorRT (10.x Python API) on an NVIDIA GPU, with device memory handled through cuda-python.
 
 ``load`` takes a serialized engine (``.engine``/``.plan``) or an ONNX file; from ONNX it builds the
-engine on this GPU (engines are not portable across GPUs or TensorRT versions) with one
-optimisation profile: batch 1 (min) … ``max_batch`` (max, default 8), opt = ``opt_batch`` (default 1),
-FP16 when the artifact or the profile asks for it, and an optional timing cache file.
+engine on this GPU (engines are not portable across GPUs or TensorRT versions) with
+``build_engine_bytes``, the one TensorRT builder of qbheat (the export pipeline uses it too): one
+optimisation profile, batch 1 (min) … ``max_batch`` (max, default 8), opt = ``opt_batch`` (default 1),
+and an optional timing cache file.
+
+The ONNX file sets the precision. TensorRT ≥ 10 builds a *strongly typed* network: every layer runs
+in the type the file gives it, so an FP16 ONNX file (FP32 islands included) gives an FP16 engine and a
+Q/DQ ONNX file (symmetric INT8, float biases: ``export.quantize``'s 'tensorrt' style) an explicitly
+quantised INT8 engine. That is the path NVIDIA keeps: INT8 calibrators are deprecated since TensorRT
+10.1, and TensorRT 11 removes the FP16/INT8 builder flags. Older TensorRT (8.6, JetPack 6.0) has no
+strong typing; there the network is weakly typed and the artifact's precision sets the FP16 and INT8
+builder flags.
 
 Timing covers host→device copy, ``execute_async_v3`` and device→host copy, synchronised on the
 stream, so a ``run`` is comparable with the CPU runtimes' ``run``.
@@ -40,6 +49,56 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
+def build_engine_bytes(onnx_path: str | Path, precision: str = "fp32", *, logger=None, max_batch: int = 8,
+                       opt_batch: int = 1, workspace_mib: int = 1024, timing_cache: str | Path | None = None) -> tuple[bytes, dict[str, Any]]:
+    """Parse ``onnx_path`` and build a serialized engine for this GPU; return it with the build facts.
+
+    ``precision`` is the ONNX file's own precision (fp32, fp16 or int8); it only matters where TensorRT
+    has no strongly typed networks. The timing cache file is read when present and written back.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise _missing("tensorrt", "tensorrt", "tensorrt") from None
+    onnx_path = Path(onnx_path)
+    logger = logger or trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)  # explicit batch is the only mode since TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise QBHeatError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    if not strongly_typed:  # TensorRT < 10: the builder flags allow the file's precision
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape[1:]):
+            raise QBHeatError(f"input {tensor.name} of {onnx_path} has dynamic spatial dimensions {shape}; "
+                              "export with a fixed input size for TensorRT.")
+        profile.set_shape(tensor.name, [1, *shape[1:]], [min(opt_batch, max_batch), *shape[1:]], [max_batch, *shape[1:]])
+    config.add_optimization_profile(profile)
+    cache_file = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise QBHeatError(f"TensorRT failed to build an engine from {onnx_path}; rerun with the TensorRT logger at VERBOSE to see why.")
+    if cache_file:
+        cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    facts = {"tensorrt": trt.__version__, "precision": precision, "strongly_typed": strongly_typed,
+             "profile": {"min": 1, "opt": min(opt_batch, max_batch), "max": max_batch}}
+    return bytes(serialized), facts
+
+
 class TensorRtRunner(Runner):
     runtime = "tensorrt"
 
@@ -66,35 +125,11 @@ class TensorRtRunner(Runner):
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
     def _build(self, onnx_path: Path, logger) -> bytes:
-        trt = self._trt
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse(onnx_path.read_bytes()):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise QBHeatError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.options.get("workspace_mib", 1024)) << 20)
-        if self.precision == "fp16" or self.options.get("fp16"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        max_batch, opt_batch = int(self.options.get("max_batch", 8)), int(self.options.get("opt_batch", 1))
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            shape = list(tensor.shape)
-            if any(d < 0 for d in shape[1:]):
-                raise QBHeatError(f"input {tensor.name} of {onnx_path} has dynamic spatial dimensions {shape}; export with a fixed input size for TensorRT.")
-            profile.set_shape(tensor.name, [1, *shape[1:]], [opt_batch, *shape[1:]], [max_batch, *shape[1:]])
-        config.add_optimization_profile(profile)
-        cache_path = self.options.get("timing_cache")
-        cache = config.create_timing_cache(Path(cache_path).read_bytes() if cache_path and Path(cache_path).exists() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise QBHeatError(f"TensorRT failed to build an engine from {onnx_path}; rerun with the TensorRT logger at VERBOSE to see why.")
-        if cache_path:
-            Path(cache_path).write_bytes(memoryview(config.get_timing_cache().serialize()))
-        return bytes(serialized)
+        serialized, _ = build_engine_bytes(
+            onnx_path, self.precision, logger=logger, max_batch=int(self.options.get("max_batch", 8)),
+            opt_batch=int(self.options.get("opt_batch", 1)), workspace_mib=int(self.options.get("workspace_mib", 1024)),
+            timing_cache=self.options.get("timing_cache"))
+        return serialized
 
     def inputs(self) -> list[dict[str, Any]]:
         trt = self._trt

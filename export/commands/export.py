@@ -84,5 +84,11 @@ def run(args: argparse.Namespace) -> int:
             if chk:
                 verdict = "parsable" if chk["parsable"] else f"unsupported {chk['unsupported'] + chk['restrictions']}"
                 print(f"{'':<9} ONNX check against the TensorRT parser's operator list: {verdict}")
+            qdq = n.get("int8_qdq_check")
+            if qdq:
+                verdict = "parsable" if qdq["check"]["parsable"] else f"rejected {qdq['check']['unsupported'] + qdq['check']['restrictions']}"
+                agreement = "within" if qdq["passed"] else "outside"
+                print(f"{'':<9} INT8 Q/DQ file (TensorRT style): {verdict}; on ONNX Runtime, min cosine {qdq['min_cosine']:.4f}, "
+                      f"{agreement} the INT8 tolerance")
         print(f"model card: {recipe.out}/model_card.json")
     return 0

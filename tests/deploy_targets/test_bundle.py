@@ -117,3 +117,19 @@ def test_bundle_refuses_what_the_target_cannot_run(export_dir, tmp_path):
     with pytest.raises(QBHeatError, match="model.onnx does not exist"):
         write_bundle(card, damaged, load_profile("local-cpu-ort"), tmp_path / "c")
     assert not (tmp_path / "c").exists() and not any(p.name.startswith(".c") for p in tmp_path.iterdir())
+
+
+def test_tensorrt_targets_never_take_the_onnx_runtime_int8_file():
+    """ONNX INT8 is typed for ONNX Runtime (zero points, INT32 biases), which TensorRT's parser rejects."""
+    import dataclasses
+
+    from deploy_targets.bundle import select_artifacts
+
+    card = {"artifacts": [{"format": "onnx", "precision": p, "path": f"onnx/model.{p}.onnx"} for p in ("fp32", "fp16", "int8")]}
+    trt = load_profile("desktop-nvidia-tensorrt")
+    assert [a["precision"] for a in select_artifacts(card, trt)] == ["fp16"]
+    assert [a["precision"] for a in select_artifacts(card, dataclasses.replace(trt, precision="any"))] == ["fp32", "fp16"]
+    with pytest.raises(QBHeatError, match="no artifact that tensorrt runs at precision int8"):
+        select_artifacts(card, dataclasses.replace(trt, precision="int8"))
+    ort = dataclasses.replace(load_profile("local-cpu-ort"), precision="int8")
+    assert [a["precision"] for a in select_artifacts(card, ort)] == ["int8"]

@@ -50,6 +50,7 @@ from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, round_ratios, summarize, target_verdict, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
 from deploy_targets.runners.openvino_runner import shared_core
+from export.parity import agreement
 from export.quantize import INT8_SCOPES
 from lean_graph import openvino_by_type  # benchmarks/lean_graph.py: OpenVINO PERF_COUNT time by node type
 from qbheat.data.samples import sample_images
@@ -69,13 +70,6 @@ def export_onnx(model: torch.nn.Module, size: int, path: Path) -> Path:
     torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["logits"],
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False, optimize=True)
     return path
-
-
-def parity(ref: np.ndarray, out: np.ndarray) -> dict:
-    a, b = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"max_abs": float(np.abs(a - b).max()), "ref_max_abs": float(np.abs(a).max()), "cosine_min": float(cos.min()),
-            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "n": int(len(a))}
 
 
 CONVOLUTIONS = ("Convolution", "GroupConvolution")  # OpenVINO CPU node types that NNCF's 'convs' scope quantises
@@ -142,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         lean = reparameterize_model(copy.deepcopy(plain)).eval()
         with torch.inference_mode():
             ref = plain(torch.from_numpy(check)).numpy()
-            parities[f"{name} lean vs plain (PyTorch)"] = parity(ref, lean(torch.from_numpy(check)).numpy())
+            parities[f"{name} lean vs plain (PyTorch)"] = agreement(ref, lean(torch.from_numpy(check)).numpy())
         xt = torch.from_numpy(x1)
 
         def eager(model=plain, xt=xt):
@@ -163,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             for runtime, label, options in runs:
                 r = get_runner(runtime, threads=args.threads, precision="fp32", **options).load(path, batch=1)
                 out = np.concatenate([next(iter(r.run({"x": check[i:i + 1]}).values())) for i in range(len(check))])
-                parities[f"{name} {variant} {label} vs PyTorch"] = parity(ref, out)
+                parities[f"{name} {variant} {label} vs PyTorch"] = agreement(ref, out)
                 configs[f"{name} | {label} {variant}"] = (lambda r=r: r.run({"x": x1}))
                 closers.append(r)
         if name == mf:
@@ -181,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"NNCF INT8 in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             r = get_runner("openvino", threads=args.threads, precision="int8").load(work / f"{name}_int8.xml", batch=1)
             out = np.concatenate([next(iter(r.run({"x": check[i:i + 1]}).values())) for i in range(len(check))])
-            parities[f"{name} OV INT8 vs PyTorch"] = parity(ref, out)
+            parities[f"{name} OV INT8 vs PyTorch"] = agreement(ref, out)
             configs[f"{name} | OV INT8 lean"] = (lambda r=r: r.run({"x": x1}))
 
     cfg = ProtocolConfig(warmup_runs=5, warmup_seconds=0.3, min_runs=args.min_runs, min_seconds=args.min_seconds)

@@ -68,6 +68,7 @@ import torch.nn as nn
 from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
+from export.parity import agreement
 from export.quantize import INT8_SCOPES as EXPORT_INT8_SCOPES
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
@@ -254,13 +255,6 @@ def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "O
     runner = OpenVinoRunner(xml, threads)
     runner.quantised_ops = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
     return runner
-
-
-def agreement(ref: np.ndarray, out: np.ndarray) -> dict:
-    a, b = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"max_rel": float(np.abs(a - b).max() / np.abs(a).max()), "cosine_min": float(cos.min()),
-            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()), "n": len(a)}
 
 
 def cpu_model() -> str:
@@ -465,7 +459,7 @@ def markdown(rec: dict) -> str:
         for q in rec["openvino_int8"]:
             a = q["agreement_vs_ov_f32"]
             lines.append(f"| {q['model']} | {q['scope']} | {q['fake_quantize_nodes']} | {q['p50_ms']:.1f} / {q['min_ms']:.1f} | "
-                         f"{q['speedup_vs_f32_p50']:.2f} / {q['speedup_vs_f32_min']:.2f} | {a['max_rel']:.1e} | "
+                         f"{q['speedup_vs_f32_p50']:.2f} / {q['speedup_vs_f32_min']:.2f} | {a['rel_max']:.1e} | "
                          f"{a['cosine_min']:.4f} | {a['top1_agreement']:.2f} |")
         lines.append("")
     lines += [

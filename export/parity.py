@@ -75,6 +75,14 @@ def top1_agreement(ref: np.ndarray, out: np.ndarray) -> float:
     return float((np.asarray(ref).argmax(-1) == np.asarray(out).argmax(-1)).mean())
 
 
+def agreement(ref: np.ndarray, out: np.ndarray) -> dict:
+    """``error_stats`` plus top-1 agreement (over the flattened rows) and the row count: one output of
+    two models on the same batch, as the benchmarks report it."""
+    ref, out = np.asarray(ref), np.asarray(out)
+    rows = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    return {**error_stats(*rows), "top1_agreement": top1_agreement(*rows), "n": int(len(ref))}
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])

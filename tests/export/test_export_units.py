@@ -200,6 +200,14 @@ def test_parity_metrics_and_gates():
     nan[1, 2] = np.nan
     assert "logits: non-finite values" in parity.compare("classifier", "logits", ("logits",), [ref], [nan], "onnx", "fp16")["failures"]
     assert parity.tolerance("coreml", "int8") != parity.tolerance("onnx", "int8")
+    # the benchmarks' form: the same statistics over flattened rows, with top-1 and the row count
+    maps = rng.normal(size=(3, 2, 4, 4))
+    flipped = maps.copy()
+    flipped[1] = -flipped[1]
+    got = parity.agreement(maps, flipped)
+    assert got["n"] == 3 and got["top1_agreement"] == pytest.approx(2 / 3) and got["cosine_min"] == pytest.approx(-1.0)
+    assert got["max_abs"] == pytest.approx(2 * np.abs(maps[1]).max())
+    assert got["rel_max"] == pytest.approx(got["max_abs"] / np.abs(maps).max())
 
 
 def test_box_agreement_matches_one_to_one_with_labels():

@@ -22,8 +22,8 @@ PyTorch — pooled and per round, with a verdict that asks every round to meet t
 INT8 could gain here (``int8_profile``); ONNX node counts and MACs (counted from the graphs) and the
 lean graphs' parity with the plain model.
 
-The export here uses torch.onnx (dynamo, dynamic batch, example batch 2) and OpenVINO's ONNX reader
-directly, as the export pipeline does; weights are random (timm init, no download), so INT8
+The export here uses torch.onnx (dynamo, dynamic batch, example batch 2), and OpenVINO converts that
+ONNX file with ``openvino.convert_model``, as the export pipeline and ``deploy_targets``' runner do; weights are random (timm init, no download), so INT8
 agreement numbers show that the pipeline keeps the function, not the accuracy on a dataset.
 """
 from __future__ import annotations
@@ -49,7 +49,6 @@ from deploy_targets import fingerprint
 from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, round_ratios, summarize, target_verdict, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
-from deploy_targets.runners.openvino_runner import shared_core
 from export.parity import agreement
 from export.quantize import INT8_SCOPES
 from lean_graph import openvino_by_type  # benchmarks/lean_graph.py: OpenVINO PERF_COUNT time by node type
@@ -163,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == mf:
             import openvino as ov
 
-            from export.openvino_format import quantize_int8
+            from export.openvino_format import from_onnx, quantize_int8
 
             t0 = time.perf_counter()
-            ov_model = shared_core().read_model(str(work / f"{name}_lean.onnx"))
+            ov_model = from_onnx(work / f"{name}_lean.onnx", "x", ("logits",), {})  # as the export reads it
             # The export's own INT8 step (export.quantize.INT8_SCOPES; 'convs' is its default): NNCF's
             # default scope also quantises the ~100 token MatMuls and the attention, which on this AVX2
             # CPU ran slower than f32 (0.71×) and, with O(1) activations, broke parity (lean_graph.md).

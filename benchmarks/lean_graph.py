@@ -14,7 +14,7 @@ What it does, in one process:
      (head-batched attention), the merge classifier (BN folded). The last stage is what
      ``timm.utils.model.reparameterize_model`` gives, and the script checks that it is;
   2. exports each to ONNX (``torch.onnx.export(dynamo=True)``, dynamic batch, example batch 2);
-     OpenVINO reads that ONNX file directly, as ``deploy_targets``' runner does. (An IR written with
+     OpenVINO converts that ONNX file on load (``openvino.convert_model``), as ``deploy_targets``' runner does. (An IR written with
      ``openvino.save_model``'s default ``compress_to_fp16=True`` stores the weights in fp16: that,
      not the ONNX reader, is what gave a 1.3-1.6e-3 relative parity error in the first version of
      this script.);
@@ -72,7 +72,6 @@ from export.parity import agreement
 from export.quantize import INT8_SCOPES as EXPORT_INT8_SCOPES
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
-from deploy_targets.runners.openvino_runner import shared_core
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 from qbheat.models.mobileformer import (
@@ -248,7 +247,7 @@ def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "O
         kw["ignored_scope"] = nncf.IgnoredScope(types=kw["ignored_scope"], validate=False)
     import openvino as ov
 
-    q = nncf.quantize(shared_core().read_model(str(path)), nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
+    q = nncf.quantize(ov.convert_model(str(path)), nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]),
                       subset_size=len(calib), **kw)
     xml = path.with_name(f"{path.stem}_int8_{scope}.xml")
     ov.save_model(q, str(xml), compress_to_fp16=False)
@@ -388,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                      "rounds": args.rounds, "runs_per_round": args.runs, "statistic": "p50 and min of pooled samples",
                      "turns": "per round one turn per configuration: 2 untimed runs, runs_per_round timed, 0.1 s pause",
                      "onnxruntime": "graph optimisation ALL, sequential, inter-op 1 thread; spinning on (default) and off",
-                     "openvino": "ONNX read directly, compiled for batch 1; INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, NUM_STREAMS 1",
+                     "openvino": "ONNX converted on load (openvino.convert_model), compiled for batch 1; INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, NUM_STREAMS 1",
                      "openvino_compiled_properties": ov_props},
         "targets": {"mf_over_mnv3": TARGETS, "parity_rtol": PARITY_RTOL},
         "rows": rows,

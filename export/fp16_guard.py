@@ -15,10 +15,12 @@ Two passes over the calibration images:
 
 The union, reduced to the deepest modules (a parent is dropped when a child explains it), is
 ``overflowing``. Formats then keep those modules in FP32: ONNX by building the FP16 graph from
-``half_with_fp32_islands`` (the pinned modules run in float32 inside an otherwise float16 graph);
-OpenVINO by marking the matching nodes ``disable_fp16_compression``; Core ML by excluding their ops
-from ``FP16ComputePrecision``. ``pinned_node_names`` maps module paths to the ExportedProgram's
-node names, which both converters keep as op names. ``margin`` = 0.5 is ours.
+``half_with_fp32_islands`` (the pinned modules run in float32 inside an otherwise float16 graph;
+TensorRT FP16 is built from that file); OpenVINO by marking the matching nodes
+``disable_fp16_compression`` (found through the ONNX nodes' module scopes:
+``export.openvino_format.onnx_nodes_in``); Core ML by excluding their ops from
+``FP16ComputePrecision`` (``pinned_node_names`` maps module paths to the ExportedProgram's node
+names, which Core ML keeps as op names). ``margin`` = 0.5 is ours.
 """
 from __future__ import annotations
 

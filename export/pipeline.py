@@ -438,7 +438,7 @@ class _Context:
         if self._ov_fp32 is None:
             from export import openvino_format
 
-            self._ov_fp32 = openvino_format.convert(self.program, "image", self.output_names, self.metadata)
+            self._ov_fp32 = openvino_format.from_onnx(self.onnx_fp32(), "image", self.output_names, self.metadata)
         return self._ov_fp32
 
 
@@ -515,9 +515,7 @@ def _build_openvino(ctx: _Context, precision: str) -> dict:
         model = ctx.ov_fp32().clone()
         model.set_rt_info("fp16", ["model_info", "precision"])
         if ctx.pinned:
-            from export.fp16_guard import pinned_node_names
-
-            pinned = openvino_format.pin_fp32(model, pinned_node_names(ctx.program, ctx.pinned))
+            pinned = openvino_format.pin_fp32(model, openvino_format.onnx_nodes_in(ctx.onnx_fp32(), ctx.pinned))
         files = openvino_format.save(model, xml, compress_to_fp16=True)
         notes.append("FP16-compressed weights; compute precision is the device's (parity uses the f32 hint)")
     else:

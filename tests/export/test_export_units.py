@@ -268,6 +268,31 @@ def test_fp16_guard_finds_the_overflow_and_pinning_fixes_it():
     assert any("linear" in n for n in names) and any(n.startswith("mul") for n in names)
 
 
+def test_openvino_pins_the_flagged_module_through_the_onnx_scopes(tmp_path):
+    """OpenVINO reads the export's ONNX file; the FP16 guard's module paths reach its nodes through the
+    ONNX nodes' module scopes, and only the flagged module's nodes are kept out of FP16 compression."""
+    from export import onnx_format, openvino_format
+
+    torch.manual_seed(0)
+    model = _Overflowing().eval()
+    x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    example = torch.from_numpy(x)
+    program = torch.export.export(model, (example,), dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=8)}})
+    path = tmp_path / "m.onnx"
+    onnx_format.export_program(program, example, path, "image", ("logits",), {"k": "v"})
+    names = openvino_format.onnx_nodes_in(path, ["energy"])
+    assert names and all(n.startswith("node_") for n in names)
+    assert openvino_format.onnx_nodes_in(path, []) == set() and openvino_format.onnx_nodes_in(path, ["energ"]) == set()
+    ov_model = openvino_format.from_onnx(path, "image", ("logits",), {"k": "v"})
+    assert ov_model.get_rt_info(["model_info", "k"]).astype(str) == "v"
+    pinned = openvino_format.pin_fp32(ov_model, names)
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in ov_model.get_ops()}
+    assert any(kinds[p] == "MatMul" for p in pinned) and any(kinds[p] == "Multiply" for p in pinned)
+    # the classifier layer outside the flagged module stays compressible
+    out_layer = openvino_format.onnx_nodes_in(path, ["out"])
+    assert out_layer and not any(p.split("/")[0] in out_layer for p in pinned)
+
+
 def test_onnx_fp16_both_paths_keep_float32_io_and_the_function(tmp_path):
     """Nothing pinned: the FP32 file cast by ORT's converter. Pinned: the mixed module exported itself."""
     import onnx

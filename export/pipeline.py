@@ -646,7 +646,11 @@ def _verify(ctx: _Context, fmt: str, precision: str, art: dict) -> None:
             results[f"batch{b}"] = parity.compare(ctx.src["task"], variant, names, ref, run(ctx.check.images_u8[:b]), fmt, precision,
                                                   nms=_nms_fn(ctx))
     else:
-        run = _runner(ctx, fmt, art)
+        try:
+            run = _runner(ctx, fmt, art)
+        except Exception as e:  # noqa: BLE001  (a runtime that cannot load its own artifact is a failed check)
+            _fail(ctx, art, f"{fmt} {precision} does not load: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            return
         for b in PARITY_BATCHES:
             try:
                 out = run(ctx.check.inputs[:b])

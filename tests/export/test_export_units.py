@@ -593,3 +593,26 @@ def test_nncf_progress_goes_to_stderr_or_nowhere_when_quiet(capfd, quiet):
     assert out == ""  # stdout is the CLI's (e.g. --json); neither NNCF's bars nor its log write there
     assert "INFO:nncf" not in err and nncf_logger.level == logging.INFO  # the INFO list is dropped, the level restored
     assert ("Statistics collection" in err) != quiet, err[-300:]
+
+
+def test_mobileformer_openvino_int8_runs_at_static_batches(tmp_path):
+    """Mobile-Former's first bridge projects the learned tokens, a MatMul that depends on the input only
+    through the batch size. OpenVINO 2026.4 fails to compile the INT8 IR for a static batch when that
+    MatMul's weight is compressed; the export leaves it float and verifies with static shapes."""
+    from deploy_targets.runners import get_runner
+    from export.manifest import read_model_card
+    from export.openvino_format import from_onnx, input_independent
+
+    out = tmp_path / "mf"
+    assert main(["export", "--model", "mobileformer_micro", "--head", "classifier", "--formats", "onnx,openvino",
+                 "--precision", "fp32,int8", "--image-size", "64", "--calibration-count", "8", "--out", str(out),
+                 "--quiet", "--allow-mismatch"]) == 0
+    arts = {(a["format"], a["precision"]): a for a in read_model_card(out)["artifacts"]}
+    ov_int8 = arts["openvino", "int8"]
+    assert ov_int8["verified"] == "parity" and set(ov_int8["parity"]) == {"batch1", "batch4"}
+    for batch in (1, 8):
+        runner = get_runner("openvino", threads=1, precision="int8").load(out / ov_int8["path"], batch=batch)
+        (logits,) = runner.run({"image": np.zeros((batch, 3, 64, 64), np.float32)}).values()
+        assert logits.shape[0] == batch and np.isfinite(logits).all()
+    tokens_only = input_independent(from_onnx(out / arts["onnx", "fp32"]["path"], "image", ("logits",), {}), "MatMul", (1, 3, 64, 64))
+    assert len(tokens_only) == 1

@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from export.worker import WORKER_NAME  # noqa: E402  (the kernel name of the Core ML builder the export forks)
+from deploy_targets.fingerprint import cpu_model  # noqa: E402
 TARGET_S, TARGET_GB = 90.0, 3.0
 
 
@@ -131,12 +132,6 @@ def run_child(cmd: list[str]) -> dict:
             "peak_rss_gb": (main_kib + workers_kib) / 1024 ** 2, "main_peak_rss_gb": main_kib / 1024 ** 2,
             "worker_peak_rss_gb": [round(k / 1024 ** 2, 2) for k in worker_peak.values()],
             "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)}
-
-
-def cpu_model() -> str:
-    from export.backends import cpu_model as cm
-
-    return cm()
 
 
 def main() -> int:

@@ -72,6 +72,7 @@ from export.parity import agreement
 from export.quantize import INT8_SCOPES as EXPORT_INT8_SCOPES
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
+from deploy_targets.fingerprint import cpu_model
 from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 from qbheat.models.mobileformer import (
@@ -254,16 +255,6 @@ def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "O
     runner = OpenVinoRunner(xml, threads)
     runner.quantised_ops = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
     return runner
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

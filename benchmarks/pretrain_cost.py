@@ -39,6 +39,7 @@ import torch
 
 import qbheat.models  # noqa: F401  (torchvision shim before timm; registers mobileformer_* and hcnet_*)
 import timm
+from deploy_targets.fingerprint import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,16 +50,6 @@ TARGET = 0.35  # issue: a QB-Heat step costs at most 0.35 × a MoCo-v2 step
 def default_models() -> list[str]:
     """The paper's encoder family (Mobile-Former-294M) first, then the CNN peer used before it existed."""
     return [m for m in ("mobileformer_294m", "mobilenetv3_large_100") if timm.is_model(m)]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(method: str, args, device: torch.device):
@@ -272,7 +263,7 @@ def main() -> int:
         "schema": "qbheat.bench.pretrain_cost/3",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
                     "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
                     "load_average_at_end": list(os.getloadavg()),  # other processes skew absolute times
                     "timm": timm.__version__,

@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import qbheat  # noqa: E402,F401  (torchvision shim before timm)
+from deploy_targets.fingerprint import cpu_model
 
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "repro_fashion_mnist"
@@ -78,16 +79,6 @@ class Row:
     issue: int = 7
     available: bool = True
     why_not: str = ""
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,7 +625,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "schema": "qbheat.bench.repro_fashion_mnist/1",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "benchmarks/repro_fashion_mnist.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "loadavg_start": round(load_start, 2),
                     "loadavg_end": round(os.getloadavg()[0], 2)},
         "settings": {k: v for k, v in vars(args).items() if k not in ("no_progress",)},

@@ -17,6 +17,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
+from deploy_targets.fingerprint import cpu_model
 
 # format → (packages to build it, packages to run it here, extra condition to run)
 FORMATS: dict[str, dict] = {
@@ -130,17 +131,6 @@ def probe() -> dict:
         "packages": {p: package_version(p) for p in PACKAGES},
         "formats": {f: asdict(format_status(f)) for f in FORMATS},
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def tool_versions(formats: list[str]) -> dict[str, str]:

@@ -99,6 +99,9 @@ def _qdq_problems(node, inits: dict, numpy_helper) -> list[str]:
     quantised = zero_point if zero_point is not None else (inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None)
     if quantised is not None and quantised.data_type not in _TRT_QUANTISED_TYPES:
         found.append(f"{onnx.TensorProto.DataType.Name(quantised.data_type)} quantised values (TensorRT takes INT8, FP8 or INT4)")
+    elif (node.op_type == "QuantizeLinear" and zero_point is None
+          and not any(a.name == "output_dtype" for a in node.attribute)):  # ONNX's default without a zero point
+        found.append("UINT8 quantised values (TensorRT takes INT8, FP8 or INT4)")
     if zero_point is not None and numpy_helper.to_array(zero_point).any():
         found.append("a non-zero zero point (TensorRT quantises symmetrically)")
     return found

@@ -358,6 +358,23 @@ def test_tensorrt_operator_check_flags_unsupported_ops(tmp_path):
     rep = check_onnx(path)
     assert rep["unsupported"] == ["Hardmax", "custom::MyOp"] and not rep["parsable"] and "Relu" in rep["ops"]
 
+    # Q/DQ typing: TensorRT takes signed, symmetric quantisation only
+    def qdq_model(zero_point):
+        inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])]
+        args = ["x", "s"]
+        if zero_point is not None:
+            inits.append(helper.make_tensor("z", zero_point[0], [], [zero_point[1]]))
+            args.append("z")
+        nodes = [helper.make_node("QuantizeLinear", args, ["q"], name="q0"), helper.make_node("DequantizeLinear", ["q", *args[1:]], ["y"], name="dq0")]
+        m = tmp_path / f"qdq{zero_point}.onnx"
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]), str(m))
+        return check_onnx(m)
+
+    assert qdq_model((TensorProto.INT8, 0))["parsable"]
+    assert any("non-zero zero point" in r for r in qdq_model((TensorProto.INT8, 3))["restrictions"])
+    assert any("UINT8" in r for r in qdq_model((TensorProto.UINT8, 0))["restrictions"])
+    assert any("UINT8" in r for r in qdq_model(None)["restrictions"])  # ONNX's default type without a zero point
+
 
 def test_quantize_styles_type_the_qdq_nodes_for_their_runtime(tmp_path):
     import onnx

@@ -1,4 +1,4 @@
-"""OpenVINO IR read from the export's FP32 ONNX file (itself from the ExportedProgram; not
+"""OpenVINO IR converted from the export's FP32 ONNX file (itself from the ExportedProgram; not
 TorchScript tracing, which fails on attention models).
 
 Converting the ONNX file takes 0.3 s where ``ov.convert_model`` on the ExportedProgram took 13–18 s

@@ -373,6 +373,7 @@ class _Context:
         self._onnx_fp32: Path | None = None
         self._onnx_fp16: tuple[Path, list[str]] | None = None
         self._tensorrt_qdq: Path | None = None
+        self.tensorrt_qdq_notes: list[str] = []  # the quantiser's notes on that file
         self._ov_fp32 = None
         self.metadata = {
             "qbheat.model_card_schema": SCHEMA, "model": src["name"], "head": src["task"], "head_variant": src["variant"],

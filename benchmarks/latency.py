@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             from export.openvino_format import from_onnx, quantize_int8
 
             t0 = time.perf_counter()
-            ov_model = from_onnx(work / f"{name}_lean.onnx", "x", ("logits",), {})  # as the export reads it
+            ov_model = from_onnx(work / f"{name}_lean.onnx", "x", ("logits",), {})  # as the export converts it
             # The export's own INT8 step (export.quantize.INT8_SCOPES; 'convs' is its default): NNCF's
             # default scope also quantises the ~100 token MatMuls and the attention, which on this AVX2
             # CPU ran slower than f32 (0.71×) and, with O(1) activations, broke parity (lean_graph.md).

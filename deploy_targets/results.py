@@ -93,10 +93,15 @@ def options_label(row: dict[str, Any], sep: str = ",") -> str:
                     if isinstance(v, (str, int, float)))
 
 
-def row_label(row: dict[str, Any]) -> str:
+def runtime_label(row: dict[str, Any]) -> str:
+    """The row's runtime with its options, e.g. 'openvino CPU,f32,static_shapes=True'."""
     opts = options_label(row)
+    return f"{row['runtime']} {opts}" if opts else row["runtime"]
+
+
+def row_label(row: dict[str, Any]) -> str:
     art = row["artifact"]
-    return f"{row['target']} · {art.get('format')}/{art.get('precision')} · {row['runtime']}{' ' + opts if opts else ''} · t{row['threads']} b{row['batch']}"
+    return f"{row['target']} · {art.get('format')}/{art.get('precision')} · {runtime_label(row)} · t{row['threads']} b{row['batch']}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -106,7 +111,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")
         lines.append([r["target"], str(r.get("model") or "?"), f"{Path(r['artifact']['path']).name} ({r['artifact'].get('precision')})",
-                      r["runtime"] + (" " + options_label(r) if options_label(r) else ""),
+                      runtime_label(r),
                       str(r["threads"]), str(r["batch"]),
                       _ms(r.get("load_ms")), _ms(r.get("first_inference_ms")), _ms(s.get("p50")), _ms(s.get("p90")), _ms(s.get("p99")),
                       f"{s['cv'] * 100:.1f}" if s else "–", _ms(e.get("p50")),

@@ -354,10 +354,21 @@ def _ship(ctx: "_Context", steps: Steps, fmt: str, precision: str, art: dict, ar
         steps.done(f"{_summary(art)} (built in the worker in {built_s:.1f} s)", seconds=built_s + time.perf_counter() - t0)
 
 
+def _min_cosine(results: dict) -> float:
+    """The lowest cosine over the batches and outputs of one artifact's parity results."""
+    return min(v.get("cosine_min", 1.0) for r in results.values() for v in r["outputs"].values())
+
+
+def _compare(ctx: "_Context", batch: int, out: list, fmt: str, precision: str) -> dict:
+    """Parity of one format's outputs on the first ``batch`` check images against PyTorch's."""
+    return parity.compare(ctx.src["task"], ctx.src["variant"], ctx.output_names, ctx.ref[batch], out, fmt, precision,
+                          nms=_nms_fn(ctx))
+
+
 def _summary(art: dict) -> str:
     if art["verified"] == "parity":
         p = art["parity"]
-        worst = min(v.get("cosine_min", 1.0) for b in p.values() for v in b["outputs"].values())
+        worst = _min_cosine(p)
         return f"parity {'ok' if all(b['passed'] for b in p.values()) else 'MISMATCH'} (min cosine {worst:.6f})"
     return f"verified {art['verified']}"
 
@@ -576,7 +587,7 @@ def _build_tensorrt(ctx: _Context, precision: str) -> dict:
     else:
         source = ctx.tensorrt_qdq()
         notes += ctx.tensorrt_qdq_notes
-    facts = tensorrt_format.build_engine(source, engine, precision, batch=(1, 4, ctx.recipe.max_batch),
+    facts = tensorrt_format.build_engine(source, engine, precision, opt_batch=4, max_batch=ctx.recipe.max_batch,
                                          timing_cache=ctx.path("tensorrt", "timing.cache"), metadata=ctx.metadata)
     files = [engine, Path(str(engine) + ".json")] + ([source] if precision == "int8" else [])
     notes.append(f"TensorRT {facts['tensorrt']}, {'strongly' if facts['strongly_typed'] else 'weakly'} typed from "
@@ -593,11 +604,9 @@ def _check_tensorrt_qdq(ctx: _Context) -> dict:
     path = ctx.tensorrt_qdq()
     ctx.scratch.append(path)
     run = onnx_format.runner(path)
-    results = {f"batch{b}": parity.compare(ctx.src["task"], ctx.src["variant"], ctx.output_names, ctx.ref[b], run(ctx.check.inputs[:b]),
-                                           "onnx", "int8", nms=_nms_fn(ctx)) for b in PARITY_BATCHES}
-    cosines = [v.get("cosine_min", 1.0) for r in results.values() for v in r["outputs"].values()]
+    results = {f"batch{b}": _compare(ctx, b, run(ctx.check.inputs[:b]), "onnx", "int8") for b in PARITY_BATCHES}
     return {"file": path.name, "notes": ctx.tensorrt_qdq_notes, "check": tensorrt_format.check_onnx(path),
-            "onnxruntime_parity": results, "min_cosine": min(cosines), "passed": all(r["passed"] for r in results.values())}
+            "onnxruntime_parity": results, "min_cosine": _min_cosine(results), "passed": all(r["passed"] for r in results.values())}
 
 
 BUILDERS = {"onnx": _build_onnx, "openvino": _build_openvino, "coreml": _build_coreml, "tensorrt": _build_tensorrt}
@@ -658,8 +667,7 @@ def _verify(ctx: _Context, fmt: str, precision: str, art: dict) -> None:
             except Exception as e:  # noqa: BLE001  (a runtime that cannot run its own artifact is a failed check)
                 _fail(ctx, art, f"{fmt} {precision} does not run at batch {b}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 return
-            results[f"batch{b}"] = parity.compare(ctx.src["task"], ctx.src["variant"], ctx.output_names, ctx.ref[b], out,
-                                                  fmt, precision, nms=_nms_fn(ctx))
+            results[f"batch{b}"] = _compare(ctx, b, out, fmt, precision)
     art["verified"], art["parity"] = "parity", results
     failures = [f"batch {k[5:]}: {f}" for k, r in results.items() for f in r["failures"]]
     if failures:

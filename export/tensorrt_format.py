@@ -56,7 +56,6 @@ MAX_OPSET_CHECKED = 17  # the snapshot's statement; TensorRT 10 parsers read new
 def check_onnx(path: str | os.PathLike) -> dict:
     """Operators of the ONNX file that the TensorRT parser does not list, and restrictions it breaks."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
@@ -69,7 +68,7 @@ def check_onnx(path: str | os.PathLike) -> dict:
         if n.op_type == "TopK" and len(n.input) > 1 and n.input[1] not in inits.keys() | consts:
             restrictions.append(f"TopK {n.name}: K must be an initializer")
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            for problem in _qdq_problems(n, inits, numpy_helper):
+            for problem in _qdq_problems(n, inits):
                 qdq_problems.setdefault(problem, []).append(n.name)
     restrictions += [f"{len(names)} Q/DQ node(s) with {problem} (first: {names[0]})" for problem, names in qdq_problems.items()]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -91,8 +90,9 @@ def check_onnx(path: str | os.PathLike) -> dict:
 _TRT_QUANTISED_TYPES = {3: "INT8", 17: "FLOAT8E4M3FN", 22: "INT4"}
 
 
-def _qdq_problems(node, inits: dict, numpy_helper) -> list[str]:
+def _qdq_problems(node, inits: dict) -> list[str]:
     import onnx
+    from onnx import numpy_helper
 
     found = []
     zero_point = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -114,15 +114,14 @@ def _require_tensorrt():
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precision: str, *,
-                 batch: tuple[int, int, int] = (1, 4, 32), timing_cache: str | os.PathLike | None = None,
+                 opt_batch: int = 4, max_batch: int = 32, timing_cache: str | os.PathLike | None = None,
                  workspace_gib: float = 2.0, metadata: dict | None = None) -> dict:
     """Build and serialize a TensorRT engine from ``onnx_path`` (the ONNX file of ``precision``); write
-    ``<engine>.json`` beside it. Returns build facts. ``batch`` = (min, opt, max) of the optimization
-    profile; the minimum is always 1."""
-    _require_tensorrt()
+    ``<engine>.json`` beside it. Returns build facts. The optimization profile spans batch 1 …
+    ``max_batch``, tuned for ``opt_batch``."""
     from deploy_targets.runners.tensorrt_runner import build_engine_bytes
 
-    serialized, facts = build_engine_bytes(onnx_path, precision, max_batch=batch[2], opt_batch=batch[1],
+    serialized, facts = build_engine_bytes(onnx_path, precision, max_batch=max_batch, opt_batch=opt_batch,
                                            workspace_mib=int(workspace_gib * 1024), timing_cache=timing_cache)
     Path(engine_path).write_bytes(serialized)
     facts = {**facts, "source_onnx": Path(onnx_path).name}

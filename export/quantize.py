@@ -22,11 +22,12 @@ import numpy as np
 
 # What INT8 covers, by ``--int8-scope``: the ONNX op types ORT's quantiser may quantise, and the
 # OpenVINO op types NNCF must leave in f32 (NNCF's default quantises everything it can).
-# 'convs' is the default because it measured better on both counts (benchmarks/results/lean_graph.md,
+# 'convs' is the default because it measured better on both counts for Mobile-Former (benchmarks/results/lean_graph.md,
 # 224 px, batch 1, 2 threads, OpenVINO INT8 against f32 of the same graph on natural images):
 # Mobile-Former-294M 1.12× f32 speed with cosine ≥ 0.997, against 0.71× and 0.80 for NNCF's default,
 # whose INT8 token projections and attention are per-op overhead on 6-token tensors and lose the
-# function; MobileNetV3-L 1.45× with cosine 0.83, against 1.39× and 0.81.
+# function (a later run: 1.05× at 0.9992 against 0.75× at 0.82); for MobileNetV3-L the scope made
+# little difference (1.45× against 1.39×, then 1.32× against 1.34×).
 # Under 'convs', OpenVINO also stores the float MatMuls' weights as INT8 (NNCF weight compression:
 # activations stay float, weights are dequantised in the kernel), which keeps the file near the
 # 'all' scope's size (MF-294M + MergeClassifier IR: 40.6 → 15.3 MB) at cosine 0.99993 to the INT8 model

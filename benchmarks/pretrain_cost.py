@@ -61,7 +61,7 @@ def build(method: str, args, device: torch.device):
 
     cfg = PretrainConfig(method=method, model=args.model, data="synthetic", image_size=args.image_size,
                          batch_size=args.batch_size, steps=1000, precision=args.precision,
-                         qbheat=QBHeatConfig(feature_stride=args.feature_stride),
+                         qbheat=QBHeatConfig(feature_strides=args.feature_strides),
                          mocov2=MoCoV2Config(queue_size=args.queue_size))
     cfg.validate()
     torch.manual_seed(0)
@@ -157,8 +157,8 @@ def _shared_argv(args) -> list[str]:
     argv = ["--model", args.model, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
             "--precision", args.precision, "--threads", str(args.threads), "--queue-size", str(args.queue_size),
             "--memory-steps", str(args.memory_steps)]
-    if args.feature_stride:
-        argv += ["--feature-stride", str(args.feature_stride)]
+    if args.feature_strides:
+        argv += ["--feature-strides", *map(str, args.feature_strides)]
     return argv
 
 
@@ -168,7 +168,7 @@ def measure(args, device: torch.device) -> dict:
     for m in METHODS:
         objective, _, steps[m] = make_step(m, args, device)
         if m == "qbheat":
-            qb_stride = objective.method.feature_stride
+            qb_stride = objective.method.feature_strides
             levels = [int(f["reduction"]) for f in objective.method.backbone.feature_info]
     for m in METHODS:
         for _ in range(args.warmup):
@@ -183,7 +183,7 @@ def measure(args, device: torch.device) -> dict:
     return {
         "model": args.model,
         "image_size": args.image_size,
-        "qbheat_feature_stride": qb_stride,
+        "qbheat_feature_strides": qb_stride,
         "qbheat_runs_whole_encoder": qb_stride == max(levels),
         "step_time_s": {m: {"median": med[m], "min": min(times[m]), "max": max(times[m]), "samples": times[m]} for m in METHODS},
         "images_per_s": {m: args.batch_size / med[m] for m in METHODS},
@@ -197,7 +197,7 @@ def measure(args, device: torch.device) -> dict:
 
 def report(run: dict, args, device: torch.device) -> None:
     print(f"model {run['model']} @ {run['image_size']}px, batch {args.batch_size}, {device}, {args.precision}, "
-          f"QB-Heat feature stride {run['qbheat_feature_stride']}")
+          f"QB-Heat feature strides {run['qbheat_feature_strides']}")
     for m in METHODS:
         print(f"  {m:7s} step {run['step_time_s'][m]['median'] * 1000:8.1f} ms (median of {args.rounds})  "
               f"{run['images_per_s'][m]:7.1f} img/s  {run['step_gflops'][m]:7.2f} GFLOP/step  "
@@ -214,7 +214,7 @@ def main() -> int:
     p.add_argument("--image-size", type=int, nargs="+", default=[224, 256],
                    help="one run per size (224: QB-Heat extrapolates stride-16 features; 256: stride 32, whole encoder)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--feature-stride", type=int, default=None, help="QB-Heat feature stride (default: auto)")
+    p.add_argument("--feature-strides", type=int, nargs="+", default=None, help="QB-Heat feature strides (default: auto)")
     p.add_argument("--queue-size", type=int, default=65536, help="MoCo-v2 queue (MoCo's K)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
@@ -309,7 +309,7 @@ def write(result: dict) -> None:
     for run in result["runs"]:
         st = run["step_time_s"]
         for m in METHODS:
-            stride = run["qbheat_feature_stride"] if m == "qbheat" else "–"
+            stride = run["qbheat_feature_strides"] if m == "qbheat" else "–"
             lines.append(f"| `{run['model']}` | {run['image_size']} | {m} | {stride} | {st[m]['median'] * 1000:.1f} | "
                          f"{st[m]['min'] * 1000:.1f}–{st[m]['max'] * 1000:.1f} | {run['images_per_s'][m]:.1f} | "
                          f"{run['step_gflops'][m]:.2f} | +{run['memory'][m]['step_peak_delta_mb']:.0f} |")

@@ -32,7 +32,7 @@ from torch import nn
 from qbheat import distributed
 from qbheat.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from qbheat.config import PretrainConfig
-from qbheat.data.build import GlobalStepSampler, build_pretrain_dataset
+from qbheat.data.build import GlobalStepSampler, batch_iterator, build_pretrain_dataset, view_generator
 from qbheat.errors import QBHeatError
 from qbheat.methods import build_method, build_regularizers, method_class
 from qbheat.methods._recipe import OptimRecipe
@@ -326,9 +326,9 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
     optimizer = build_optimizer(objective, recipe)
 
     # data: a fixed order of global batches, indexed by step
-    dataset = build_pretrain_dataset(config.data, config.image_size, type(method).view_transform(config),
-                                     seed=config.seed, synthetic_size=config.synthetic_size,
-                                     mean=config.mean, std=config.std)
+    dataset = build_pretrain_dataset(config.data, config.image_size, seed=config.seed,
+                                     synthetic_size=config.synthetic_size)
+    make_views = type(method).view_transform(config)  # uint8 batch + generator → the method's views
     probe = GlobalStepSampler(len(dataset), config.batch_size, world_size=ctx.world_size)
     total_steps = config.steps if config.steps is not None else probe.steps_for_epochs(config.epochs)
     warmup = round(recipe["warmup_fraction"] * total_steps)
@@ -372,11 +372,7 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
     end_step = total_steps if config.stop_after is None else min(total_steps, config.stop_after)
     sampler = GlobalStepSampler(len(dataset), config.batch_size, rank=rank, world_size=ctx.world_size,
                                 seed=config.seed, start_step=start_step, end_step=max(start_step, end_step))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
-        persistent_workers=False,
-    )
+    batches = batch_iterator(dataset, sampler, config.num_workers, pin_memory=device.type == "cuda")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir, start_step, config.tensorboard) if is_main else None
@@ -403,7 +399,8 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
                 "data": {"step": step, "epoch": step // sampler.steps_per_epoch, "seed": config.seed,
                          "global_batch": config.batch_size, "dataset_size": len(dataset), "spec": config.data},
                 "preprocessing": {"mean": list(config.mean), "std": list(config.std),
-                                  "input_size": [3, config.image_size, config.image_size], "interpolation": "bicubic"},
+                                  "input_size": [3, config.image_size, config.image_size],
+                                  "interpolation": make_views.augmentation.interpolation},
                 "world_size": ctx.world_size,
                 "config": config.to_dict(),
             })
@@ -417,11 +414,11 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
     window_time, window_images = 0.0, 0
     params = [p for p in objective.parameters() if p.requires_grad]
     model.train()
-    it = iter(loader)
     try:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
-            batch = [v.to(device, non_blocking=True) for v in _next_batch(it)]  # views, each b×3×S×S
+            images = _next_batch(batches).to(device, non_blocking=True)  # uint8 b×3×h×w
+            batch = list(make_views(images, view_generator(config.seed, step, rank, device)))  # views, each b×3×S×S
 
             lr = scheduler.get_last_lr()[0]
             out, grad_norm = training_step(model, objective, batch, optimizer, scaler, scheduler, params,

@@ -176,8 +176,13 @@ def extract_features(backbone: nn.Module, images: np.ndarray | torch.Tensor, pre
 
 @torch.no_grad()
 def recalibrate_untracked_batchnorm(backbone: nn.Module, images: np.ndarray | torch.Tensor, preprocessing: Preprocessing,
-                                    *, max_images: int = 2048, batch_size: int = 256, progress: bool = True) -> list[str]:
+                                    *, max_images: int = 2048, batch_size: int = 256, progress: bool = True,
+                                    every_layer: bool = False) -> list[str]:
     """Estimate running statistics for the BatchNorm layers that pre-training never updated; return their names.
+
+    With ``every_layer`` all BatchNorm layers get statistics of the probe's own inputs: QB-Heat's encoder
+    trains on half-size quarter blocks, so its running statistics describe another resolution than the
+    full images a probe or an exported head sees (weights stay untouched either way).
 
     A pretext task may leave part of the backbone unused: QB-Heat extrapolating stride-16 features never
     runs the last stage, so its BatchNorm layers keep their initial mean 0 / variance 1 whatever their inputs
@@ -190,7 +195,7 @@ def recalibrate_untracked_batchnorm(backbone: nn.Module, images: np.ndarray | to
 
     bns = {name: m for name, m in backbone.named_modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-           and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0}
+           and m.num_batches_tracked is not None and (every_layer or int(m.num_batches_tracked) == 0)}
     if not bns:
         return []
     x_all = as_uint8_chw(images)[:max_images]

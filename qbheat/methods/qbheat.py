@@ -16,9 +16,14 @@ Choices where the paper is silent (each one a ``QBHeatConfig`` field):
   z(x−Δx) = (I − A) z, the same forward-Euler step taken the other way.
 - ``diagonal``: order of the two steps for the diagonal quarter, (I+B)(I+A) ("x_then_y"), the
   reverse, or their average; they differ unless A and B commute.
-- ``feature_stride``: which encoder level is extrapolated. None picks the deepest level whose
-  quarter grid tiles the image (stride 32 at 256 px, stride 16 at 224 px). Stages deeper than the
-  chosen level take no part in QB-Heat and are not trained by it.
+- ``feature_strides``: which encoder levels are extrapolated, each with its own predictor and
+  decoder; the loss is the mean of their reconstruction losses. None picks the two deepest levels
+  whose quarter grids tile the image (strides 16 and 32 at 64 or 256 px; only 16 at 224 px), so
+  that the last stage, which probes, detectors and exported heads read, is trained too. A stage
+  deeper than every chosen level takes no part in QB-Heat and is not trained by it.
+- ``token_conditioning``: on Mobile-Former, each decoder also reads global token 0 (after the final
+  Mobile→Former bridge) through a linear map added to its input, so the final bridge and the
+  tokens, which the pooled features append, are trained by the loss as well.
 - The predictor jumps a whole quarter in one step (block-wise, as Fig. 1 labels the quarters);
   per-cell stepping (I + A)^k collapses to one learned linear map anyway.
 - The decoder (``PixelDecoder``), the target (per-patch normalised pixels, MAE's ``norm_pix_loss``)
@@ -52,7 +57,8 @@ class QBHeatConfig:
 
     visible_corner: str = "top_left"  # Fig. 1 shows the visible block at the top left
     diagonal: str = "x_then_y"  # (I+B)(I+A) z for the diagonal quarter; order is a choice
-    feature_stride: int | None = None  # None: deepest stride whose quarter tiles the image
+    feature_strides: list[int] | None = None  # None: the two deepest strides whose quarters tile the image
+    token_conditioning: bool = True  # decoders read Mobile-Former's global token 0 (trains the final bridge)
     decoder_dim: int = 128  # light decoder width (choice; "smaller decoder" [secondary source])
     decoder_depth: int = 1  # residual 3×3 conv blocks in the decoder (choice)
     norm_pix_loss: bool = True  # per-patch normalised pixel target, as MAE's norm_pix_loss (choice)
@@ -63,8 +69,11 @@ class QBHeatConfig:
             out.append(f"qbheat.visible_corner must be one of {list(CORNERS)}, not {self.visible_corner!r}")
         if self.diagonal not in DIAGONALS:
             out.append(f"qbheat.diagonal must be one of {list(DIAGONALS)}, not {self.diagonal!r}")
-        if self.feature_stride is not None and (self.feature_stride < 1 or self.feature_stride & (self.feature_stride - 1)):
-            out.append(f"qbheat.feature_stride must be a power of two (e.g. 16 or 32) or null, not {self.feature_stride}")
+        if self.feature_strides is not None:
+            bad = [s for s in self.feature_strides if s < 1 or s & (s - 1)]
+            if not self.feature_strides or bad or len(set(self.feature_strides)) != len(self.feature_strides):
+                out.append("qbheat.feature_strides must list distinct powers of two (e.g. [16, 32]) or be null, "
+                           f"not {self.feature_strides}")
         if self.decoder_dim < 1 or self.decoder_depth < 0:
             out.append("qbheat.decoder_dim must be ≥ 1 and qbheat.decoder_depth ≥ 0")
         return out
@@ -198,16 +207,20 @@ class PixelDecoder(nn.Module):
     pixel-shuffle into a stride×stride patch, like MAE's per-patch linear prediction.
     """
 
-    def __init__(self, in_dim: int, dim: int, depth: int, stride: int, out_chans: int = 3):
+    def __init__(self, in_dim: int, dim: int, depth: int, stride: int, out_chans: int = 3, cond_dim: int = 0):
         super().__init__()
         self.stride = stride
         self.embed = nn.Conv2d(in_dim, dim, 1)
+        self.cond = nn.Linear(cond_dim, dim) if cond_dim else None  # a global vector added to every cell
         self.blocks = nn.Sequential(*[_ResidualConv(dim) for _ in range(depth)])
         self.norm = _LayerNorm2d(dim)
         self.to_pixels = nn.Conv2d(dim, stride * stride * out_chans, 1)
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.embed(latent))  # B×D×2h×2w
+    def forward(self, latent: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(latent)  # B×D×2h×2w
+        if self.cond is not None:
+            x = x + self.cond(cond.float())[:, :, None, None]
+        x = self.blocks(x)
         return F.pixel_shuffle(self.to_pixels(self.norm(x)), self.stride)  # B×3×H×W
 
 
@@ -240,11 +253,11 @@ def masked_reconstruction_loss(pred: torch.Tensor, image: torch.Tensor, mask: to
 # Encoder features at a chosen stride, for any timm backbone with a spatial feature map.
 # ---------------------------------------------------------------------------------------------
 
-def resolve_feature_level(backbone: nn.Module, image_size: int, requested: int | None) -> tuple[int, int, bool]:
-    """(stride, channels, is_last_level) of the encoder level QB-Heat extrapolates.
+def resolve_feature_levels(backbone: nn.Module, image_size: int, requested: list[int] | None) -> list[tuple[int, int]]:
+    """(stride, channels) of each encoder level QB-Heat extrapolates, shallow to deep.
 
-    The quarter of an ``image_size`` image must tile into whole cells at that stride. With
-    ``requested`` None, the deepest such level is chosen.
+    The quarter of an ``image_size`` image must tile into whole cells at every level. With
+    ``requested`` None, the two deepest such levels (of stride ≥ 4) are chosen.
     """
     info = getattr(backbone, "feature_info", None)
     if not info:
@@ -252,25 +265,26 @@ def resolve_feature_level(backbone: nn.Module, image_size: int, requested: int |
     levels: dict[int, int] = {}
     for f in info:
         levels[int(f["reduction"])] = int(f["num_chs"])  # later (deeper) entries at a stride win
-    last = int(info[-1]["reduction"])
     quarter = image_size // 2
     if requested is not None:
-        if requested not in levels:
-            raise QBHeatError(f"qbheat.feature_stride={requested} is not a level of this backbone; it offers strides {sorted(levels)}.")
-        if quarter % requested:
-            raise QBHeatError(
-                f"image_size {image_size} gives a {quarter}-pixel quarter that stride {requested} does not tile; "
-                f"use an image_size that is a multiple of {2 * requested} or another qbheat.feature_stride."
-            )
-        return requested, levels[requested], requested == last
-    fitting = [s for s in levels if quarter % s == 0 and s >= 4]
+        for s in requested:
+            if s not in levels:
+                raise QBHeatError(f"qbheat.feature_strides lists {s}, which is not a level of this backbone; "
+                                  f"it offers strides {sorted(levels)}.")
+            if quarter % s:
+                raise QBHeatError(
+                    f"image_size {image_size} gives a {quarter}-pixel quarter that stride {s} does not tile; "
+                    f"use an image_size that is a multiple of {2 * s} or other qbheat.feature_strides."
+                )
+        return [(s, levels[s]) for s in sorted(requested)]
+    fitting = sorted(s for s in levels if quarter % s == 0 and s >= 4)
     if not fitting:
+        last = int(info[-1]["reduction"])
         raise QBHeatError(
             f"image_size {image_size} has no encoder stride whose quarter tiles ({sorted(levels)}); "
             f"use a multiple of {2 * last} (e.g. {4 * last})."
         )
-    s = max(fitting)
-    return s, levels[s], s == last
+    return [(s, levels[s]) for s in fitting[-2:]]
 
 
 class QBHeat(nn.Module):
@@ -298,12 +312,18 @@ class QBHeat(nn.Module):
             raise QBHeatError(bad[0] + ".")
         self.cfg, self.image_size = cfg, image_size
         self.backbone = backbone
-        self.feature_stride, channels, self._last_level = resolve_feature_level(backbone, image_size, cfg.feature_stride)
+        levels = resolve_feature_levels(backbone, image_size, cfg.feature_strides)
+        self.feature_strides = [s for s, _ in levels]
+        last_stride = int(backbone.feature_info[-1]["reduction"])
+        self._reaches_last = self.feature_strides[-1] == last_stride  # the full forward pass is needed
         self._stop_early = "stop_early" in inspect.signature(backbone.forward_intermediates).parameters \
             if hasattr(backbone, "forward_intermediates") else False
-        self.predictor = HeatPredictor(channels, cfg.diagonal)
-        self.decoder = PixelDecoder(channels, cfg.decoder_dim, cfg.decoder_depth, self.feature_stride)
-        self.embedding_dim = channels  # width of the pooled visible-quarter features
+        token_dim = getattr(getattr(backbone, "cfg", None), "token_dim", 0)  # Mobile-Former's global tokens
+        cond_dim = token_dim if cfg.token_conditioning and self._reaches_last else 0
+        self.predictors = nn.ModuleList(HeatPredictor(c, cfg.diagonal) for _, c in levels)
+        self.decoders = nn.ModuleList(PixelDecoder(c, cfg.decoder_dim, cfg.decoder_depth, s, cond_dim=cond_dim)
+                                      for s, c in levels)
+        self.embedding_dim = levels[-1][1]  # width of the pooled deepest visible-quarter features
 
     def encoder_input_size(self, image_size: int) -> int:
         """The encoder sees one quarter block: half the image side."""
@@ -320,26 +340,28 @@ class QBHeat(nn.Module):
 
         return MultiView(mae_augmentation(config.image_size, tuple(config.crop_scale), config.mean, config.std), 1)
 
-    def encode(self, x: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
-        """Encoder feature map B×C×h×w of the visible quarter at ``feature_stride``.
+    def encode(self, x: torch.Tensor, backbone: nn.Module | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Feature maps B×C×h×w of the visible quarter at each of ``feature_strides`` (shallow to deep),
+        and Mobile-Former's global tokens B×T×d after the final bridge (None for other backbones, or
+        when the deepest level is not the last one).
 
         ``backbone`` defaults to ``self.backbone``; a teacher or delayed copy of it (HSSL, MSBReg)
         encodes the same way.
         """
-        backbone = self.backbone if backbone is None else backbone
-        if self._last_level:
-            from qbheat.models import spatial_features
-
-            return spatial_features(backbone, x)[0]
         from qbheat.models import feature_indices
 
+        backbone = self.backbone if backbone is None else backbone
+        idx = feature_indices(backbone, tuple(self.feature_strides))
+        if self._reaches_last:
+            final, maps = backbone.forward_intermediates(x, indices=idx)
+            tokens = final[1] if isinstance(final, (tuple, list)) else None
+            return list(maps), tokens
         kw: dict[str, Any] = {"stop_early": True} if self._stop_early else {}
-        idx = feature_indices(backbone, (self.feature_stride,))
-        return backbone.forward_intermediates(x, indices=idx, intermediates_only=True, **kw)[0]
+        return list(backbone.forward_intermediates(x, indices=idx, intermediates_only=True, **kw)), None
 
     def features(self, x: torch.Tensor, backbone: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(feature map B×C×h×w at ``feature_stride``, its global average B×C) of an encoder input."""
-        z = self.encode(x, backbone)
+        """(deepest extrapolated feature map B×C×h×w, its global average B×C) of an encoder input."""
+        z = self.encode(x, backbone)[0][-1]
         return z, z.float().mean(dim=(2, 3))
 
     def forward(self, batch: list[torch.Tensor]) -> dict[str, Any]:
@@ -349,18 +371,25 @@ class QBHeat(nn.Module):
             raise QBHeatError(f"QB-Heat was built for {self.image_size}-pixel images but got {h}×{w}; keep image_size fixed.")
         cy, cx = sample_visible_corners(b, self.cfg.visible_corner, x.device)
         visible = visible_quarter(x, cy, cx)  # B×3×H/2×W/2
-        z = self.encode(visible)  # B×C×h'×w'
-        cells = (h // 2) // self.feature_stride
-        if z.shape[-2:] != (cells, cells) or z.shape[1] != self.predictor.dim:
-            raise ValueError(f"encoder gave {tuple(z.shape)}; expected B×{self.predictor.dim}×{cells}×{cells}")
+        maps, tokens = self.encode(visible)  # per level B×C×h'×w'; B×T×d or None
+        token0 = tokens[:, 0] if tokens is not None else None  # B×d
         sx, sy = 1 - 2 * cx, 1 - 2 * cy  # +1: masked neighbour lies towards +x / +y
-        z_h, z_v, z_d = self.predictor(z, sx, sy)
-        latent = assemble_quarters(z.float(), z_h, z_v, z_d, cy, cx)  # B×C×2h'×2w'
-        recon = self.decoder(latent)  # B×3×H×W
         mask = quarter_block_mask(cy, cx, h, w)  # B×1×H×W
-        loss = masked_reconstruction_loss(recon, x, mask, self.feature_stride, self.cfg.norm_pix_loss)
+        losses = []
+        for z, stride, predictor, decoder in zip(maps, self.feature_strides, self.predictors, self.decoders):
+            cells = (h // 2) // stride
+            if z.shape[-2:] != (cells, cells) or z.shape[1] != predictor.dim:
+                raise ValueError(f"encoder gave {tuple(z.shape)} at stride {stride}; expected B×{predictor.dim}×{cells}×{cells}")
+            z_h, z_v, z_d = predictor(z, sx, sy)
+            latent = assemble_quarters(z.float(), z_h, z_v, z_d, cy, cx)  # B×C×2h'×2w'
+            recon = decoder(latent, token0)  # B×3×H×W
+            losses.append(masked_reconstruction_loss(recon, x, mask, stride, self.cfg.norm_pix_loss))
+        out: dict[str, Any] = {"loss": torch.stack(losses).mean()}
+        if len(losses) > 1:
+            out |= {f"loss_s{s}": l.detach() for s, l in zip(self.feature_strides, losses)}
+        z = maps[-1]
         # one view: a teacher or delayed encoder (HSSL, MSBReg) sees the same visible quarter
-        return {"loss": loss, "embeddings": [z.float().mean(dim=(2, 3))], "features": [z], "target_inputs": [visible]}
+        return out | {"embeddings": [z.float().mean(dim=(2, 3))], "features": [z], "target_inputs": [visible]}
 
     def after_step(self, progress: float) -> None:
         """Nothing to update after the optimizer step (no momentum encoder)."""

@@ -24,7 +24,7 @@ def test_repro_smoke_has_every_row_and_numbers_in_range(tmp_path, monkeypatch):
                              "--work-dir", str(tmp_path), "--results-dir", str(tmp_path / "results")])
     finally:
         torch.set_num_threads(before)
-    expected = {"raw", "random", "supervised", "mocov2", "qbheat", "qbheat_s32", "qbheat_rawpix", "qbheat_randcorner",
+    expected = {"raw", "random", "supervised", "mocov2", "qbheat", "qbheat_s16", "qbheat_s32", "qbheat_rawpix", "qbheat_topleft",
                 "qbheat_dec3", "mocov2_msbreg", "qbheat_hssl", "random_hcnet", "qbheat_hcnet"}
     assert set(result["rows"]) == expected
     for key, row in result["rows"].items():

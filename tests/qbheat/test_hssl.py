@@ -120,7 +120,7 @@ def test_transformer_tokens_become_a_square_map():
 
 def test_teacher_center_and_ema():
     torch.manual_seed(0)
-    method = QBHeat(create_model("test_convnext", num_classes=0), QBHeatConfig(feature_stride=8), 32)
+    method = QBHeat(create_model("test_convnext", num_classes=0), QBHeatConfig(feature_strides=[8]), 32)
     hssl = HSSL(SMALL, method, 32)
     out = method([torch.randn(4, 3, 32, 32)])
     logits = hssl.teacher_logits(out["target_inputs"][0])
@@ -141,7 +141,7 @@ def test_teacher_center_and_ema():
 def _cfg(out_dir, method, **kw):
     base = dict(method=method, model="test_convnext", data="synthetic", synthetic_size=24, image_size=32, batch_size=8,
                 steps=4, num_workers=0, log_every=1, ckpt_every=100, progress=False, tensorboard=False,
-                out_dir=str(out_dir), hssl=SMALL, qbheat=QBHeatConfig(feature_stride=8),
+                out_dir=str(out_dir), hssl=SMALL, qbheat=QBHeatConfig(feature_strides=[8]),
                 mocov2=MoCoV2Config(queue_size=16, dim=8))
     base.update(kw)
     return PretrainConfig(**base)

@@ -109,7 +109,7 @@ def test_brownian_loss_matches_reference_and_kicks_along_the_direction():
 
 
 def _qbheat():
-    return QBHeat(create_model("test_convnext", num_classes=0), QBHeatConfig(feature_stride=16), 64)
+    return QBHeat(create_model("test_convnext", num_classes=0), QBHeatConfig(feature_strides=[16]), 64)
 
 
 def test_msbreg_with_qbheat_owns_a_delayed_backbone_that_follows_the_online_one():
@@ -153,7 +153,7 @@ def _cfg(out_dir, method, **kw):
     base = dict(method=method, model="test_convnext", data="synthetic", synthetic_size=24, image_size=32, batch_size=8,
                 steps=4, num_workers=0, log_every=1, ckpt_every=100, progress=False, tensorboard=False,
                 out_dir=str(out_dir), regularizers=["msbreg"], msbreg=SMALL,
-                qbheat=QBHeatConfig(feature_stride=8), mocov2=MoCoV2Config(queue_size=16, dim=8))
+                qbheat=QBHeatConfig(feature_strides=[8]), mocov2=MoCoV2Config(queue_size=16, dim=8))
     base.update(kw)
     return PretrainConfig(**base)
 
@@ -192,7 +192,7 @@ def test_resuming_without_the_regularizer_is_refused(tmp_path, capsys):
     pretrain(_cfg(tmp_path, "qbheat", steps=1))
     code = cli.main(["pretrain", "--no-progress", "--no-tensorboard", "--data", "synthetic", "--model", "test_convnext",
                      "--image-size", "32", "--batch-size", "8", "--steps", "2", "--num-workers", "0",
-                     "--set", "synthetic_size=24", "--set", "qbheat.feature_stride=8", "--out-dir", str(tmp_path),
+                     "--set", "synthetic_size=24", "--set", "qbheat.feature_strides=[8]", "--out-dir", str(tmp_path),
                      "--resume", "auto"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "'qbheat+msbreg'" in err and "\n" not in err
@@ -218,7 +218,7 @@ def test_cli_and_yaml_reach_msbreg(tmp_path):
 
 def test_objective_adds_msbreg_to_the_method_loss():
     cfg = PretrainConfig(method="qbheat", model="test_convnext", data="synthetic", image_size=64, regularizers=["msbreg"],
-                         msbreg=SMALL, qbheat=QBHeatConfig(feature_stride=16))
+                         msbreg=SMALL, qbheat=QBHeatConfig(feature_strides=[16]))
     objective = build_objective(cfg)
     out = objective([torch.randn(3, 3, 64, 64)])
     assert out["loss"].item() == pytest.approx(out["method_loss"].item() + out["msbreg_loss"].item(), rel=1e-5)

@@ -11,7 +11,7 @@ from qbheat.methods.qbheat import (
     assemble_quarters,
     masked_reconstruction_loss,
     quarter_block_mask,
-    resolve_feature_level,
+    resolve_feature_levels,
     sample_visible_corners,
     visible_quarter,
 )
@@ -137,20 +137,23 @@ def test_masked_loss_matches_slow_reference():
         assert got.item() == pytest.approx(total / count, rel=1e-5)
 
 
-@pytest.mark.parametrize("image_size,requested,expected", [(256, None, 32), (224, None, 16), (64, None, 32), (224, 16, 16)])
-def test_feature_level_tiles_the_quarter(image_size, requested, expected):
+@pytest.mark.parametrize("image_size,requested,expected", [(256, None, [16, 32]), (224, None, [8, 16]), (64, None, [16, 32]),
+                                                            (224, [16], [16]), (128, [32, 16], [16, 32])])
+def test_feature_levels_tile_the_quarter(image_size, requested, expected):
     backbone = create_model("resnet10t", num_classes=0)
-    stride, chans, is_last = resolve_feature_level(backbone, image_size, requested)
-    assert stride == expected and (image_size // 2) % stride == 0
-    assert chans == {16: 256, 32: 512}[stride] and is_last == (stride == 32)
+    levels = resolve_feature_levels(backbone, image_size, requested)
+    assert [s for s, _ in levels] == expected and all((image_size // 2) % s == 0 for s, _ in levels)
+    assert [c for _, c in levels] == [{8: 128, 16: 256, 32: 512}[s] for s in expected]
 
 
 def test_feature_stride_that_does_not_tile_is_refused():
     backbone = create_model("resnet10t", num_classes=0)
     with pytest.raises(QBHeatError, match="does not tile"):
-        resolve_feature_level(backbone, 224, 32)
+        resolve_feature_levels(backbone, 224, [32])
     with pytest.raises(QBHeatError, match="not a level"):
-        resolve_feature_level(backbone, 224, 64)
+        resolve_feature_levels(backbone, 224, [64])
+    with pytest.raises(QBHeatError, match="distinct powers of two"):
+        QBHeat(backbone, QBHeatConfig(feature_strides=[16, 16]), 64)
 
 
 def _models():
@@ -163,7 +166,7 @@ def _models():
 def test_encoder_sees_only_the_visible_quarter(name):
     torch.manual_seed(0)
     size = 64
-    method = QBHeat(create_model(name, num_classes=0), QBHeatConfig(visible_corner="random", feature_stride=16), size).eval()
+    method = QBHeat(create_model(name, num_classes=0), QBHeatConfig(visible_corner="random", feature_strides=[16]), size).eval()
     x = torch.randn(3, 3, size, size)
     torch.manual_seed(5)
     out = method([x])
@@ -186,8 +189,9 @@ def test_qbheat_trains_backbone_predictor_and_decoder(name):
     out = method([torch.randn(2, 3, 64, 64)])
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert method.predictor.A.grad.abs().sum() > 0 and method.predictor.B.grad.abs().sum() > 0
-    assert method.decoder.to_pixels.weight.grad.abs().sum() > 0
+    for predictor, decoder in zip(method.predictors, method.decoders):
+        assert predictor.A.grad.abs().sum() > 0 and predictor.B.grad.abs().sum() > 0
+        assert decoder.to_pixels.weight.grad.abs().sum() > 0
     first = next(p for p in method.backbone.parameters())
     assert first.grad is not None and first.grad.abs().sum() > 0
 
@@ -196,3 +200,32 @@ def test_wrong_image_size_is_a_clear_error():
     method = QBHeat(create_model("resnet10t", num_classes=0), QBHeatConfig(), 64)
     with pytest.raises(QBHeatError, match="64-pixel"):
         method([torch.randn(1, 3, 96, 96)])
+
+
+def _grad_share(method: QBHeat, size: int) -> tuple[float, list[str]]:
+    """Share of the backbone's parameters (by count) with a non-zero gradient after one QB-Heat step,
+    and the probe-facing modules (last block, final bridge) that got none."""
+    method.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    method([torch.randn(4, 3, size, size)])["loss"].backward()
+    named = [(n, p) for n, p in method.backbone.named_parameters() if not n.startswith("head.")]
+    total = sum(p.numel() for _, p in named)
+    live = sum(p.numel() for _, p in named if p.grad is not None and p.grad.abs().sum() > 0)
+    dead = sorted(n for n, p in named if p.grad is None or p.grad.abs().sum() == 0)
+    return live / total, dead
+
+
+def test_default_trains_every_part_the_probes_read():
+    """Issue 19: at stride 16 alone the last stage and the final bridge got no gradient; the default now
+    trains every backbone parameter the pooled probes, the detector and the exported heads read."""
+    backbone = create_model("mobileformer_micro", num_classes=0)
+    last = len(backbone.blocks) - 1
+    old, old_dead = _grad_share(QBHeat(backbone, QBHeatConfig(feature_strides=[16], token_conditioning=False), 64), 64)
+    assert any(n.startswith(f"blocks.{last}.") for n in old_dead) and any(n.startswith("mobile_to_former.") for n in old_dead)
+    assert 0.3 < old < 0.6  # about half the backbone sat idle
+    new, new_dead = _grad_share(QBHeat(create_model("mobileformer_micro", num_classes=0), QBHeatConfig(), 64), 64)
+    # At 64 px the last map of a 32-px quarter is one cell: a Mobile→Former query attending over a single
+    # position has no effect on the output (softmax of one logit), so only those queries stay idle.
+    assert new > 0.97 and all(".q." in n and "mobile_to_former" in n for n in new_dead)
+    full, full_dead = _grad_share(QBHeat(create_model("mobileformer_micro", num_classes=0), QBHeatConfig(), 128), 128)
+    assert full == 1.0 and full_dead == []

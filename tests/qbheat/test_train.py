@@ -27,7 +27,7 @@ def _rows(out_dir):
 def test_qbheat_loss_falls_on_fashion_mnist(tmp_path):
     cfg = PretrainConfig(method="qbheat", model=SMALL_MODEL, data="fashion-mnist", image_size=64, batch_size=32,
                          steps=40, lr=1e-3, crop_scale=(0.5, 1.0), num_workers=0, log_every=1, ckpt_every=1000,
-                         progress=False, tensorboard=True, out_dir=str(tmp_path), qbheat=QBHeatConfig(feature_stride=16))
+                         progress=False, tensorboard=True, out_dir=str(tmp_path), qbheat=QBHeatConfig(feature_strides=[16]))
     path = pretrain(cfg)
     losses = [float(r["loss"]) for r in _rows(tmp_path)]
     assert len(losses) == 40
@@ -47,7 +47,7 @@ def _resume_cfg(out, **kw):
     base = dict(method="qbheat", model="resnet10t", model_kwargs={"drop_path_rate": 0.2}, data="synthetic",
                 synthetic_size=40, image_size=64, batch_size=8, steps=6, lr=1e-3, num_workers=0, log_every=1,
                 ckpt_every=100, progress=False, tensorboard=False, out_dir=str(out),
-                qbheat=QBHeatConfig(visible_corner="random", feature_stride=16))
+                qbheat=QBHeatConfig(visible_corner="random", feature_strides=[16]))
     base.update(kw)
     return PretrainConfig(**base)
 

@@ -173,7 +173,7 @@ def train_supervised(seed: int, epochs: float, max_epochs: float, args: argparse
     torch.manual_seed(seed)
     backbone = create_model("mobileformer_micro", num_classes=0)
     dataset = build_pretrain_dataset("fashion-mnist", args.image_size)
-    labels = torch.as_tensor(dataset.labels)
+    labels = torch.as_tensor(np.array(dataset.labels))
     with torch.no_grad():
         backbone.eval()
         dim = pool_features(*spatial_features(backbone, torch.zeros(1, 3, args.image_size, args.image_size))).shape[1]

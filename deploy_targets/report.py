@@ -110,6 +110,13 @@ def to_markdown(doc: dict[str, Any]) -> str:
             (f"{s['cv'] * 100:.1f}" + (" ⚠" if s.get("cv_warning") else "")) if s else "–", _f(e.get("p50")),
             "skipped" if r.get("skipped") else "–" if g is None else ("pass" if g["passed"] else "**FAIL**"),
             _f(_agreement(r), 4)]) + " |")
+    if doc.get("probes"):
+        lines += ["", "## Task accuracy (frozen-backbone probes)", "",
+                  "| backbone | protocol | metric | top-1 % | train images | test images | source |", "|---|---|---|---:|---:|---:|---|"]
+        for pr in doc["probes"]:
+            for name, value in pr["metrics"].items():
+                lines.append(f"| {pr['label']} | {pr['protocol']} | {name} | {100 * value:.2f} | {pr['train_images']} | "
+                             f"{pr['test_images']} | `{pr['source']}` |")
     lines += ["", "## Environment", "", "| target | CPU / device | OS | runtime | version | precision | artifact sha256 |", "|---|---|---|---|---|---|---|"]
     seen = set()
     for r in rows:
@@ -245,12 +252,29 @@ def to_html(doc: dict[str, Any]) -> str:
             f"\n<h2>Protocol</h2><pre>{_esc(json.dumps(doc.get('protocol'), indent=1))}</pre>\n</body></html>\n")
 
 
-def build_report(run_paths: list[str | Path], out: str | Path, baseline: str | Path | None = None) -> dict[str, Any]:
-    """Merge, compare, and write report.json / report.md / report.html into ``out``."""
+def read_probe(label: str, path: str | Path) -> dict[str, Any]:
+    """The accuracy lines of a ``qbheat probe --out`` results JSON, labelled (e.g. "pre-trained", "random init")."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        return {"label": label, "protocol": doc["protocol"], "metrics": dict(doc["metrics"]),
+                "train_images": doc["data"]["train_images"], "test_images": doc["data"]["test_images"], "source": str(path)}
+    except FileNotFoundError:
+        raise QBHeatError(f"no probe result at {path}.") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise QBHeatError(f"{path} is not a results JSON written by 'qbheat probe --out'.") from None
+
+
+def build_report(run_paths: list[str | Path], out: str | Path, baseline: str | Path | None = None,
+                 probes: list[tuple[str, str | Path]] = ()) -> dict[str, Any]:
+    """Merge, compare, and write report.json / report.md / report.html into ``out``; ``probes`` are
+    (label, probe results JSON) pairs shown in the task-accuracy section."""
     if not run_paths:
         raise QBHeatError("give at least one result JSON written by 'qbheat-export bench' or a bundle.")
     docs = [read_document(p) for p in run_paths]
     merged = merge(docs, [str(p) for p in run_paths])
+    if probes:
+        merged["probes"] = [read_probe(label, path) for label, path in probes]
     if baseline is not None:
         merged["baseline"] = str(baseline)
         merged["comparisons"] = compare(merged, read_document(baseline))

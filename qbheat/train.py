@@ -34,6 +34,7 @@ from qbheat.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoi
 from qbheat.config import PretrainConfig
 from qbheat.data.build import GlobalStepSampler, batch_iterator, build_pretrain_dataset, view_generator
 from qbheat.errors import QBHeatError
+from qbheat.evaluation.features import Preprocessing
 from qbheat.methods import build_method, build_regularizers, method_class
 from qbheat.methods._recipe import OptimRecipe
 
@@ -398,9 +399,9 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
                 "total_steps": total_steps,
                 "data": {"step": step, "epoch": step // sampler.steps_per_epoch, "seed": config.seed,
                          "global_batch": config.batch_size, "dataset_size": len(dataset), "spec": config.data},
-                "preprocessing": {"mean": list(config.mean), "std": list(config.std),
-                                  "input_size": [3, config.image_size, config.image_size],
-                                  "interpolation": make_views.augmentation.interpolation},
+                # the evaluation recipe probes and exports use (not the training augmentation's)
+                "preprocessing": Preprocessing(input_size=(3, config.image_size, config.image_size),
+                                               mean=tuple(config.mean), std=tuple(config.std)).to_dict(),
                 "world_size": ctx.world_size,
                 "config": config.to_dict(),
             })

@@ -9,13 +9,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="result JSON files from 'qbheat-export bench' or bundles")
     p.add_argument("--compare", metavar="BASELINE", help="a previous result or report JSON; flags p50 changes beyond the noise")
     p.add_argument("--out", required=True, help="folder for report.json, report.md and report.html")
+    p.add_argument("--probe", action="append", default=[], metavar="LABEL=JSON",
+                   help="a 'qbheat probe --out' results file for the report's task-accuracy section, e.g. "
+                        "'pre-trained=linear_probe.json' (repeatable)")
     p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any row regressed beyond the noise")
 
 
 def run(args: argparse.Namespace) -> int:
+    from deploy_targets._errors import QBHeatError
     from deploy_targets.report import build_report
 
-    merged = build_report(args.runs, args.out, args.compare)
+    probes = []
+    for item in args.probe:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise QBHeatError(f"--probe expects LABEL=JSON (e.g. 'random init=random_probe.json'), not {item!r}.")
+        probes.append((label, path))
+    merged = build_report(args.runs, args.out, args.compare, probes)
     regressions = [c for c in merged.get("comparisons", []) if c["verdict"] == "regression"]
     for c in merged.get("comparisons", []):
         print(f"{c['verdict']:>12}  {c['delta'] * 100:+6.1f} % (threshold {c['threshold'] * 100:.1f} %)  {c['key']}")

@@ -119,3 +119,19 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert img.shape[:2] == (2000, 1280)
     colored = (np.abs(img[..., 0] - img[..., 2]) > 60).mean()   # the bars' blue/orange, not grey text or white
     assert img.std() > 10 and colored > 0.002
+
+
+def test_probe_results_need_their_own_format(tmp_path):
+    from deploy_targets._errors import QBHeatError
+    from deploy_targets.report import read_probe
+
+    good = tmp_path / "p.json"
+    good.write_text(json.dumps({"protocol": "linear", "metrics": {"linear_top1": 0.81},
+                                "data": {"train_images": 100, "test_images": 50}}))
+    assert read_probe("random init", good)["metrics"] == {"linear_top1": 0.81}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(QBHeatError, match="not a results JSON written by 'qbheat probe"):
+        read_probe("x", bad)
+    with pytest.raises(QBHeatError, match="no probe result"):
+        read_probe("x", tmp_path / "missing.json")

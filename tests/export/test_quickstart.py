@@ -42,13 +42,27 @@ def test_quickstart_writes_every_promised_file(quick_run):
         assert artifact_path(out / "model_card.json", a).exists()
     for n in card.get("not_built", []):
         assert n["reason"]
-    # parity ran on held-out Fashion-MNIST training images, not on photographs; the probe fixed the last stage's BN
+    # parity ran on held-out Fashion-MNIST training images, not on photographs
     assert "held out from calibration" in card["parity_images"]["source"]
-    probe = json.loads((out / "linear_probe.json").read_text())
-    assert any(name.startswith("blocks.") for name in probe["batchnorm_recalibrated"])
+    # pre-training trained every BatchNorm of the backbone (no stage left at its initial statistics)
+    import torch
+
+    state = torch.load(out / "pretrain" / "last.pt", map_location="cpu", weights_only=True)["backbone"]
+    tracked = {k: int(v) for k, v in state.items() if k.endswith("num_batches_tracked") and not k.startswith("head.")}
+    assert tracked and min(tracked.values()) > 0, [k for k, v in tracked.items() if v == 0]
+    # the same probe ran on a random-init backbone, and both accuracies reach the report
+    pre = json.loads((out / "linear_probe.json").read_text())
+    ref = json.loads((out / "random_init_probe.json").read_text())
+    assert ref["source"]["init"] == "random" and pre["source"]["method"] == "qbheat"
+    assert ref["data"]["test_images"] == pre["data"]["test_images"]
+    report = json.loads((out / "report.json").read_text())
+    labels = [p["label"] for p in report["probes"]]
+    assert labels[1] == "random init" and labels[0].startswith("pre-trained")
+    assert "Task accuracy" in (out / "report.html").read_text()
     # the commands it ran are the product's own CLI, in order
     lines = [line for line in (out / "commands.sh").read_text().splitlines() if line.startswith("qbheat")]
-    assert [line.split()[1] for line in lines] == ["pretrain", "probe", "export", "bench", "bench", "bundle", "bundle", "report"]
+    assert [line.split()[1] for line in lines] == ["pretrain", "probe", "probe", "export", "bench", "bench", "bundle",
+                                                   "bundle", "report"]
 
 
 def test_quickstart_bundles_for_phone_targets(quick_run):

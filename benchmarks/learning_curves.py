@@ -313,7 +313,7 @@ def write_svg(agg: list[dict[str, Any]], path: Path, raw_linear: float | None) -
             continue
         ys = [100 * a[m]["mean"] for a in pts] + ([100 * raw_linear] if m == "linear" and raw_linear else [])
         lo, hi = math.floor(min(ys) - 1), math.ceil(max(ys) + 1)
-        for pi, (xkey, xtitle) in enumerate((("epochs", "pre-training epochs"), ("pretrain_flops", "pre-training PFLOPs (log)"))):
+        for pi, (xkey, xtitle) in enumerate((("epochs", "pre-training epochs"), ("pretrain_flops", "pre-training TFLOPs (log)"))):
             ox, oy = 10 + pi * (W + 10), 30 + mi * H
             trained = [a for a in pts if a[xkey] > 0]
             if not trained:
@@ -330,7 +330,7 @@ def write_svg(agg: list[dict[str, Any]], path: Path, raw_linear: float | None) -
             for v in (lo, hi):
                 svg.append(f'<text x="{ox + 8}" y="{Y(v) + 4}">{v}</text>')
             for v in sorted(set(xv)):
-                svg.append(f'<text x="{X(v) - 8}" y="{oy + H - 20}" fill="#666">{v / 1e15:.2g}</text>' if logx else
+                svg.append(f'<text x="{X(v) - 8}" y="{oy + H - 20}" fill="#666">{v / 1e12:.2g}</text>' if logx else
                            f'<text x="{X(v) - 4}" y="{oy + H - 20}" fill="#666">{v:g}</text>')
             for ref, val, dash in (("random", next((100 * a[m]["mean"] for a in pts if a["row"] == "random"), None), "4,3"),
                                    ("raw", 100 * raw_linear if m == "linear" and raw_linear else None, "1,3")):
@@ -372,10 +372,10 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
              "Runs: " + "; ".join(f"{r['date']} on {r['cpu']}: `{r['command']}`" for r in result["runs"]), ""]
     if raw is not None:
         lines += [f"Raw pixels (logistic regression on the 28×28 pixels): linear {100 * raw:.1f} %.", ""]
-    lines += ["| row | epochs | seeds | PFLOPs | wall s | kNN k=20 | kNN k=200 | linear | non-linear | det. mAP | det. AP50 |",
+    lines += ["| row | epochs | seeds | TFLOPs | wall s | kNN k=20 | kNN k=200 | linear | non-linear | det. mAP | det. AP50 |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in agg:
-        lines.append(f"| {TITLES[a['row']]} | {a['epochs']:.2f} | {a['seeds']} | {a['pretrain_flops'] / 1e15:.2f} | "
+        lines.append(f"| {TITLES[a['row']]} | {a['epochs']:.2f} | {a['seeds']} | {a['pretrain_flops'] / 1e12:.1f} | "
                      f"{a['pretrain_wall_s']:.0f} | " + " | ".join(fmt(a[m]) for m in METRICS) + " |")
     lines += ["", f"Plot: `{NAME}.svg` (probe accuracy vs epochs and vs compute)."]
     atomic_write_bytes(d / f"{NAME}.md", ("\n".join(lines) + "\n").encode())

@@ -19,9 +19,10 @@ Choices where the paper is silent (each one a ``QBHeatConfig`` field):
 - ``diagonal``: order of the two steps for the diagonal quarter, (I+B)(I+A) ("x_then_y"), the
   reverse, or their average; they differ unless A and B commute.
 - ``feature_strides``: which encoder levels are extrapolated, each with its own predictor and
-  decoder; the loss is the mean of their reconstruction losses. None picks the two deepest levels
-  whose quarter grids tile the image (strides 16 and 32 at 64 or 256 px; only 16 at 224 px), so
-  that the last stage, which probes, detectors and exported heads read, is trained too. A stage
+  decoder; the loss is the mean of their reconstruction losses. None picks the last level and the
+  one before it when the last level's quarter grid tiles the image (strides 16 and 32 at 64, 128 or
+  256 px), so that the last stage, which probes, detectors and exported heads read, is trained too;
+  at 224 px only stride 16 tiles and is chosen. A stage
   deeper than every chosen level takes no part in QB-Heat and is not trained by it.
 - ``token_conditioning``: on Mobile-Former, each decoder also reads global token 0 (after the final
   Mobile→Former bridge) through a linear map added to its input, so the final bridge and the
@@ -259,7 +260,9 @@ def resolve_feature_levels(backbone: nn.Module, image_size: int, requested: list
     """(stride, channels) of each encoder level QB-Heat extrapolates, shallow to deep.
 
     The quarter of an ``image_size`` image must tile into whole cells at every level. With
-    ``requested`` None, the two deepest such levels (of stride ≥ 4) are chosen.
+    ``requested`` None: the last level and the one before it when the last level tiles (64, 128, 256 px
+    on a stride-32 backbone), else only the deepest level that tiles (stride 16 at 224 px, which leaves
+    the last stage untrained: pre-train at 256 px to train it).
     """
     info = getattr(backbone, "feature_info", None)
     if not info:
@@ -286,7 +289,9 @@ def resolve_feature_levels(backbone: nn.Module, image_size: int, requested: list
             f"image_size {image_size} has no encoder stride whose quarter tiles ({sorted(levels)}); "
             f"use a multiple of {2 * last} (e.g. {4 * last})."
         )
-    return [(s, levels[s]) for s in fitting[-2:]]
+    # the last level and the one before it where the last tiles; else only the deepest that tiles
+    chosen = fitting[-2:] if fitting[-1] == int(info[-1]["reduction"]) else fitting[-1:]
+    return [(s, levels[s]) for s in chosen]
 
 
 class QBHeat(nn.Module):

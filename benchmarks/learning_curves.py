@@ -295,8 +295,46 @@ def aggregate(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda a: (ROWS.index(a["row"]), a["epochs"]))
 
 
+def _beats(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, float]:
+    """'yes' when mean(a) − mean(b) exceeds twice the larger spread over seeds (issue 19's rule), with the margin."""
+    margin = a["mean"] - b["mean"]
+    spread = max(a["std"], b["std"])
+    return ("yes" if margin > 2 * spread else "no" if margin < -2 * spread else "within 2 × spread"), margin
+
+
+def verdicts(agg: list[dict[str, Any]], raw_linear: float | None, ratio: float) -> list[str]:
+    """Issue 19's targets, judged at every schedule where both sides were measured."""
+    at = {(a["row"], round(a["epochs"], 2)): a for a in agg}
+    qb = sorted((a for a in agg if a["row"] == "qbheat"), key=lambda a: a["epochs"])
+    out = []
+    rnd = at.get(("random", 0.0))
+    for a in qb:
+        e = round(a["epochs"], 2)
+        parts = []
+        if rnd:
+            v, m = _beats(a["linear"], rnd["linear"])
+            parts.append(f"linear vs random init {100 * m:+.1f} ({v})")
+        if raw_linear is not None:
+            m = a["linear"]["mean"] - raw_linear
+            parts.append(f"vs raw pixels {100 * m:+.1f} ({'yes' if m > 2 * a['linear']['std'] else 'no'})")
+        mo = at.get(("mocov2", e))
+        if mo:
+            d = a["linear"]["mean"] - mo["linear"]["mean"]
+            parts.append(f"linear vs MoCo-v2 at equal epochs {100 * d:+.1f} ({'on par or better' if d >= -0.02 else 'below'})")
+            v, m = _beats(a["nonlinear"], mo["nonlinear"])
+            parts.append(f"non-linear vs MoCo-v2 {100 * m:+.1f} ({v})")
+        eq = at.get(("mocov2", round(round(a["epochs"] * ratio * (60_000 // 128)) / (60_000 // 128), 2)))
+        if eq:
+            m = a["det_mAP"]["mean"] - eq["det_mAP"]["mean"]
+            spread = max(a["det_mAP"]["std"], eq["det_mAP"]["std"])
+            v = "at least MoCo-v2's" if m >= 0 else "below, within 2 × spread" if m >= -2 * spread else "below"
+            parts.append(f"detection vs MoCo-v2 at equal compute ({eq['epochs']:.2f} ep) {100 * m:+.1f} mAP ({v})")
+        out.append(f"- QB-Heat at {a['epochs']:g} epochs: " + "; ".join(parts))
+    return out
+
+
 def write_svg(agg: list[dict[str, Any]], path: Path, raw_linear: float | None) -> None:
-    """Two panels per metric row (linear, non-linear, detection mAP): vs epochs and vs PFLOPs (log x)."""
+    """Two panels per metric row (linear, non-linear, detection mAP): vs epochs and vs TFLOPs (log x)."""
     colours = {"random": "#888888", "supervised": "#2ca02c", "mocov2": "#1f77b4", "qbheat": "#d62728"}
     metrics = [("linear", "linear probe top-1 %"), ("nonlinear", "non-linear probe top-1 %"), ("det_mAP", "detection mAP %")]
     W, H, pad = 360, 220, 48
@@ -329,9 +367,13 @@ def write_svg(agg: list[dict[str, Any]], path: Path, raw_linear: float | None) -
             svg.append(f'<text x="{ox + pad}" y="{oy + H - 8}">{xtitle}</text>')
             for v in (lo, hi):
                 svg.append(f'<text x="{ox + 8}" y="{Y(v) + 4}">{v}</text>')
-            for v in sorted(set(xv)):
+            last_tick = -1e9
+            for v in sorted(set(xv)):  # a tick per measured x, skipping those that would overlap
+                if X(v) - last_tick < 30:
+                    continue
+                last_tick = X(v)
                 svg.append(f'<text x="{X(v) - 8}" y="{oy + H - 20}" fill="#666">{v / 1e12:.2g}</text>' if logx else
-                           f'<text x="{X(v) - 4}" y="{oy + H - 20}" fill="#666">{v:g}</text>')
+                           f'<text x="{X(v) - 4}" y="{oy + H - 20}" fill="#666">{v:.2g}</text>')
             for ref, val, dash in (("random", next((100 * a[m]["mean"] for a in pts if a["row"] == "random"), None), "4,3"),
                                    ("raw", 100 * raw_linear if m == "linear" and raw_linear else None, "1,3")):
                 if val is not None:
@@ -377,6 +419,9 @@ def write_report(result: dict[str, Any], args: argparse.Namespace) -> None:
     for a in agg:
         lines.append(f"| {TITLES[a['row']]} | {a['epochs']:.2f} | {a['seeds']} | {a['pretrain_flops'] / 1e12:.1f} | "
                      f"{a['pretrain_wall_s']:.0f} | " + " | ".join(fmt(a[m]) for m in METRICS) + " |")
+    ratio = result["step_flops"]["qbheat"] / result["step_flops"]["mocov2"]
+    lines += ["", "Targets (issue 19; \"yes\" = margin above twice the larger spread over seeds; points):", ""]
+    lines += verdicts(agg, raw, ratio)
     lines += ["", f"Plot: `{NAME}.svg` (probe accuracy vs epochs and vs compute)."]
     atomic_write_bytes(d / f"{NAME}.md", ("\n".join(lines) + "\n").encode())
 

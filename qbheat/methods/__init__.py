@@ -16,7 +16,8 @@ num_classes=0; that module is what checkpoints store under ``backbone`` and what
     method.after_step(progress)    # after each optimizer step (momentum updates); progress ∈ (0, 1]
 
 Each class also offers ``Config`` (its typed options, a section of ``PretrainConfig``),
-``num_views``, ``view_transform(config)`` (the augmentation that makes its views), ``recipe``
+``num_views``, ``view_transform(config)`` (the augmentation that makes its views from a uint8 batch and a
+generator, ``qbheat.data.transforms``), ``recipe``
 (its default optimiser settings), ``ddp_find_unused_parameters``, ``embedding_dim`` (F) and
 ``encoder_input_size(image_size)``. A method with a momentum encoder also returns
 ``out["momentum_embeddings"]`` (its key encoder's pooled features of ``target_inputs``).

@@ -107,7 +107,7 @@ def pretrain_config(row: str, seed: int, max_epochs: float, args: argparse.Names
     cfg = load_config(ROOT / "qbheat" / "configs" / f"{row}_fashion_mnist_micro.yaml", {
         **overrides, "epochs": max_epochs, "batch_size": args.batch_size, "image_size": args.image_size,
         "seed": seed, "out_dir": str(Path(args.work_dir) / f"{row}_s{seed}"), "num_workers": 0, "progress": False,
-        "tensorboard": False, "resume": "auto", "ckpt_every": 100_000, "log_every": 50})
+        "tensorboard": False, "resume": "auto", "ckpt_every": 500, "log_every": 50})
     if row == "mocov2":
         cfg.mocov2.queue_size = min(cfg.mocov2.queue_size, args.batch_size * 32)  # ≤ 32 batches (tiny runs)
     return cfg

@@ -91,14 +91,24 @@ def _agreement(row: dict[str, Any]) -> float | None:
     return None
 
 
+def _accuracy_cells(row: dict[str, Any]) -> list[str]:
+    """Top-1 and its drop against PyTorch with the 95 % interval, from the card's 'qbheat-export eval' entry."""
+    acc = row.get("accuracy") or {}
+    if "top1" not in acc:
+        return ["–", "–"]
+    lo, hi = acc.get("drop_top1_ci") or (None, None)
+    ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
+    return [f"{acc['top1']:.2f}", f"{acc['drop_top1']:+.2f}{ci}"]
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     rows = doc["rows"]
     lines = [f"# Benchmark report", "", f"Created {doc['created']} · schema `{doc['schema']}` · {len(rows)} rows"]
     if doc.get("sources"):
         lines.append(f" · merged from {', '.join(f'`{s}`' for s in doc['sources'])}")
     lines += ["", "## Latency (ms)", "",
-              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement | top-1 % | drop (pts) |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")
         art = r["artifact"]
@@ -109,7 +119,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
             _f(r.get("load_ms"), 1), _f(r.get("first_inference_ms")), _f(s.get("p50")), _f(s.get("p90")), _f(s.get("p99")),
             (f"{s['cv'] * 100:.1f}" + (" ⚠" if s.get("cv_warning") else "")) if s else "–", _f(e.get("p50")),
             "skipped" if r.get("skipped") else "–" if g is None else ("pass" if g["passed"] else "**FAIL**"),
-            _f(_agreement(r), 4)]) + " |")
+            _f(_agreement(r), 4), *_accuracy_cells(r)]) + " |")
     lines += ["", "## Environment", "", "| target | CPU / device | OS | runtime | version | precision | artifact sha256 |", "|---|---|---|---|---|---|---|"]
     seen = set()
     for r in rows:

@@ -18,6 +18,7 @@ several, merges them and renders Markdown and HTML from it. Standard library onl
         fingerprint  {cpu_model, cores, usable_cores?, cpu_features?, os, machine, python, governor, temperature_c, runtime, runtime_version,
                       device, device_name, precision, threads, artifact_sha256, runtime_details?}
         parity       the model card's parity entry for the artifact, or null
+        accuracy     the model card's accuracy entry ('qbheat-export eval': top1, top5, drop_top1, drop_top1_ci, n), or null
         golden       {passed, max_abs, mean_abs, cosine, top1_agreement, tolerance} or null
         macs, flops, params   from the model card (PyTorch counts), or null
         skipped      reason, when the configuration could not run (then no timings)

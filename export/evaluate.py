@@ -171,3 +171,10 @@ def gate(results: dict[str, dict], card: dict, max_drop: float) -> list[tuple[di
         if not verdict.passed:
             over.append((art, verdict))
     return over
+
+
+def divergence(folder: Path, art: dict, deploy: torch.nn.Module, data: EvalSet, images: int = 16) -> dict | None:
+    """``export.localize.for_artifact`` on the first ``images`` evaluation images."""
+    from export import localize
+
+    return localize.for_artifact(artifact_path(folder, art), art, deploy, next(data.batches(images))[1])

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from deploy_targets.results import write_text_atomic
     from export import evaluate
     from export.eval_data import load_eval_set
+    from export.localize import describe
     from export.manifest import ModelCardError, read_model_card
     from qbheat.errors import QBHeatError
 
@@ -51,18 +52,21 @@ def run(args: argparse.Namespace) -> int:
         raise QBHeatError("--batch-size must be at least 1 and --max-drop non-negative.")
     evaluate.check_hashes(folder, card)
     data = load_eval_set(args.data, card, args.limit)
-    reference, _ = evaluate.reference_model(card, args.checkpoint)
+    reference, deploy = evaluate.reference_model(card, args.checkpoint)
     ref_scores = evaluate.torch_scores(reference, data, args.batch_size, args.quiet)
     results = evaluate.evaluate_artifacts(folder, card, data, ref_scores, args.batch_size, args.threads, args.quiet)
     over = evaluate.gate(results, card, args.max_drop) if args.max_drop is not None else []
+    for art, _ in over:  # where the artifact departs from PyTorch: into the card and the message
+        results[art["path"]]["divergence"] = evaluate.divergence(folder, art, deploy, data)
     block = evaluate.evaluation_block(data, ref_scores, args.max_drop)
     evaluate.record(folder, card, block, results)
     if args.out:
         write_text_atomic(args.out, json.dumps({"evaluation": block, "artifacts": results}, indent=1) + "\n")
     print(format_table(card, block))
     for art, verdict in over:
+        r = results[art["path"]]
         name = f"{art['format']} {art['precision']} ({art['path']})"
-        print(f"qbheat-export: accuracy: {verdict.sentence(name, results[art['path']]['drop_top1_ci'])}.", file=sys.stderr)
+        print(f"qbheat-export: accuracy: {verdict.sentence(name, r['drop_top1_ci'])}{describe(r['divergence'])}.", file=sys.stderr)
     print(f"model card: {folder / 'model_card.json'}", file=sys.stderr)
     return ACCURACY_EXIT if over else 0
 

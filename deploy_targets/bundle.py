@@ -36,7 +36,7 @@ from .transport import parse_reach, remote_run_plan
 PACKAGE = Path(__file__).parent
 TEMPLATES = PACKAGE / "templates"
 # The device-side modules copied into a bundle (they import only numpy, the runtime, and each other).
-DEVICE_MODULES = ("_errors.py", "protocol.py", "fingerprint.py", "preprocess.py", "results.py", "harness.py")
+DEVICE_MODULES = ("_errors.py", "memory.py", "protocol.py", "fingerprint.py", "preprocess.py", "results.py", "harness.py")
 N_GOLDEN = 4
 
 

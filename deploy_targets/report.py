@@ -101,14 +101,20 @@ def _accuracy_cells(row: dict[str, Any]) -> list[str]:
     return [f"{acc['top1']:.2f}", f"{acc['drop_top1']:+.2f}{ci}"]
 
 
+def _memory_cell(row: dict[str, Any]) -> str:
+    mem = row.get("memory") or {}
+    peaks = [(mem.get(k) or {}).get("peak_mb") for k in ("load", "steady")]
+    return "–" if all(p is None for p in peaks) else " / ".join("–" if p is None else f"{p:.0f}" for p in peaks)
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     rows = doc["rows"]
     lines = [f"# Benchmark report", "", f"Created {doc['created']} · schema `{doc['schema']}` · {len(rows)} rows"]
     if doc.get("sources"):
         lines.append(f" · merged from {', '.join(f'`{s}`' for s in doc['sources'])}")
     lines += ["", "## Latency (ms)", "",
-              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement | top-1 % | drop (pts) |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement | top-1 % | drop (pts) | peak RSS MB load / run |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")
         art = r["artifact"]
@@ -119,7 +125,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
             _f(r.get("load_ms"), 1), _f(r.get("first_inference_ms")), _f(s.get("p50")), _f(s.get("p90")), _f(s.get("p99")),
             (f"{s['cv'] * 100:.1f}" + (" ⚠" if s.get("cv_warning") else "")) if s else "–", _f(e.get("p50")),
             "skipped" if r.get("skipped") else "–" if g is None else ("pass" if g["passed"] else "**FAIL**"),
-            _f(_agreement(r), 4), *_accuracy_cells(r)]) + " |")
+            _f(_agreement(r), 4), *_accuracy_cells(r), _memory_cell(r)]) + " |")
     lines += ["", "## Environment", "", "| target | CPU / device | OS | runtime | version | precision | artifact sha256 |", "|---|---|---|---|---|---|---|"]
     seen = set()
     for r in rows:

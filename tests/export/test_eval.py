@@ -140,7 +140,10 @@ def test_bench_rows_and_the_report_carry_the_measured_accuracy(fashion_export, t
     rows = json.loads(bench.read_text())["rows"]
     by_path = {a["path"]: a["accuracy"] for a in card["artifacts"]}
     assert rows and all(r["accuracy"] == by_path[r["artifact"]["path"]] for r in rows)
+    for r in rows:  # peak resident memory at load and in the steady state, per artifact
+        mem = r["memory"]
+        assert mem["load"]["peak_mb"] >= mem["load"]["start_mb"] > 0 and mem["steady"]["peak_mb"] >= mem["steady"]["start_mb"] > 0
     assert main(["report", str(bench), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     int8 = by_path["onnx/model.int8.onnx"]
-    assert "| top-1 % | drop (pts) |" in md and f"| {int8['top1']:.2f} | {int8['drop_top1']:+.2f} [" in md
+    assert "| top-1 % | drop (pts) | peak RSS MB load / run |" in md and f"| {int8['top1']:.2f} | {int8['drop_top1']:+.2f} [" in md

@@ -36,7 +36,7 @@ from .transport import parse_reach, remote_run_plan
 PACKAGE = Path(__file__).parent
 TEMPLATES = PACKAGE / "templates"
 # The device-side modules copied into a bundle (they import only numpy, the runtime, and each other).
-DEVICE_MODULES = ("_errors.py", "protocol.py", "fingerprint.py", "preprocess.py", "results.py", "harness.py")
+DEVICE_MODULES = ("_errors.py", "memory.py", "protocol.py", "fingerprint.py", "preprocess.py", "results.py", "harness.py")
 N_GOLDEN = 4
 
 
@@ -122,12 +122,17 @@ def _install_hint(runtime: str) -> str:
 
 
 def write_bundle(card: dict[str, Any], export_folder: str | Path, profile: Profile, out: str | Path,
-                 protocol: ProtocolConfig | None = None, overwrite: bool = False) -> Path:
-    """Write the bundle for ``profile`` into ``out`` (atomically: temp folder, then rename)."""
+                 protocol: ProtocolConfig | None = None, overwrite: bool = False, only: list[str] | None = None) -> Path:
+    """Write the bundle for ``profile`` into ``out`` (atomically: temp folder, then rename); ``only``: the
+    artifact paths (as in the card) to include, e.g. the recommended one."""
     export_folder, out = Path(export_folder), Path(out)
     if out.exists() and not overwrite:
         raise QBHeatError(f"{out} already exists; pass --force to replace it or choose another --out.")
     chosen = select_artifacts(card, profile)
+    if only is not None:
+        chosen = [a for a in chosen if a["path"] in only]
+        if not chosen:
+            raise QBHeatError(f"none of {only} is an artifact of this export that {profile.runtime} runs; bundle the export the benchmarks ran on.")
     protocol = protocol or ProtocolConfig.from_dict(profile.protocol)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -127,6 +127,7 @@ def bench_artifact(artifact: dict[str, Any], runtime: str, cfg: ProtocolConfig, 
         row: dict[str, Any] = {"target": target, "hardware": hardware, "model": model.get("name"), "head": head.get("type"),
                                "runtime": runtime, "threads": conf["threads"], "batch": conf["batch"],
                                "options": conf["options"], "artifact": art, "parity": artifact.get("parity"),
+                               "accuracy": artifact.get("accuracy"),
                                "macs": model.get("macs"), "flops": model.get("flops"), "params": model.get("params"),
                                "golden": None, "skipped": None}
         runner = get_runner(runtime, threads=conf["threads"], precision=art["precision"], **conf["options"])

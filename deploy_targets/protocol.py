@@ -7,6 +7,8 @@ For one loaded model the protocol measures, and reports separately:
 * **steady state** — after a warmup of at least ``warmup_runs`` runs *and* ``warmup_seconds``, a
   timed phase of at least ``min_runs`` runs *and* ``min_seconds`` (capped at ``max_runs``); every
   sample is kept;
+* **memory** — the process's peak resident memory while loading and over the steady-state phase
+  (``deploy_targets.memory``: the kernel's high-water mark, reset at the start of each);
 * **end to end** — the same warmup and timed phase around preprocessing + inference +
   postprocessing (e.g. JPEG decode, resize, normalise; softmax and top-k), when the caller gives one.
 
@@ -32,6 +34,7 @@ from typing import Any, Callable, Hashable
 import numpy as np
 
 from ._errors import QBHeatError
+from .memory import PeakRss
 
 
 @dataclass(frozen=True)
@@ -185,20 +188,24 @@ def measure(load: Callable[[], Any], run: Callable[[], Any], cfg: ProtocolConfig
 
     ``load`` is called once (and timed); ``run`` and ``end_to_end`` close over the loaded model.
     """
-    t0 = clock()
-    load()
-    load_ms = (clock() - t0) * 1e3
+    with PeakRss() as load_mem:
+        t0 = clock()
+        load()
+        load_ms = (clock() - t0) * 1e3
     t0 = clock()
     run()
     first_ms = (clock() - t0) * 1e3
-    steady = measure_phase(run, cfg, clock, progress)
+    with PeakRss() as steady_mem:
+        steady = measure_phase(run, cfg, clock, progress)
     e2e = measure_phase(end_to_end, cfg, clock, progress) if end_to_end is not None else None
     warnings = []
     for name, phase in (("steady state", steady), ("end to end", e2e)):
         if phase is not None and phase["cv_warning"]:
             warnings.append(f"{name}: CV {phase['cv'] * 100:.1f} % > {cfg.cv_warn * 100:.1f} %; the machine was not quiet "
                             "(other load, frequency scaling, thermal throttling): treat differences below ~2 CV as noise.")
-    return {"load_ms": load_ms, "first_inference_ms": first_ms, "steady": steady, "end_to_end": e2e, "warnings": warnings}
+    memory = {"load": load_mem.result(), "steady": steady_mem.result()}
+    return {"load_ms": load_ms, "first_inference_ms": first_ms, "steady": steady, "end_to_end": e2e, "warnings": warnings,
+            "memory": memory}
 
 
 def sweep(threads: list[int] | tuple[int, ...], batches: list[int] | tuple[int, ...],

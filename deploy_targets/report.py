@@ -91,14 +91,30 @@ def _agreement(row: dict[str, Any]) -> float | None:
     return None
 
 
+def _accuracy_cells(row: dict[str, Any]) -> list[str]:
+    """Top-1 and its drop against PyTorch with the 95 % interval, from the card's 'qbheat-export eval' entry."""
+    acc = row.get("accuracy") or {}
+    if "top1" not in acc:
+        return ["–", "–"]
+    lo, hi = acc.get("drop_top1_ci") or (None, None)
+    ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
+    return [f"{acc['top1']:.2f}", f"{acc['drop_top1']:+.2f}{ci}"]
+
+
+def _memory_cell(row: dict[str, Any]) -> str:
+    mem = row.get("memory") or {}
+    peaks = [(mem.get(k) or {}).get("peak_mb") for k in ("load", "steady")]
+    return "–" if all(p is None for p in peaks) else " / ".join("–" if p is None else f"{p:.0f}" for p in peaks)
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     rows = doc["rows"]
     lines = [f"# Benchmark report", "", f"Created {doc['created']} · schema `{doc['schema']}` · {len(rows)} rows"]
     if doc.get("sources"):
         lines.append(f" · merged from {', '.join(f'`{s}`' for s in doc['sources'])}")
     lines += ["", "## Latency (ms)", "",
-              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement | top-1 % | drop (pts) | peak RSS MB load / run |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")
         art = r["artifact"]
@@ -109,7 +125,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
             _f(r.get("load_ms"), 1), _f(r.get("first_inference_ms")), _f(s.get("p50")), _f(s.get("p90")), _f(s.get("p99")),
             (f"{s['cv'] * 100:.1f}" + (" ⚠" if s.get("cv_warning") else "")) if s else "–", _f(e.get("p50")),
             "skipped" if r.get("skipped") else "–" if g is None else ("pass" if g["passed"] else "**FAIL**"),
-            _f(_agreement(r), 4)]) + " |")
+            _f(_agreement(r), 4), *_accuracy_cells(r), _memory_cell(r)]) + " |")
     if doc.get("probes"):
         lines += ["", "## Task accuracy (frozen-backbone probes)", "",
                   "| backbone | protocol | metric | top-1 % | train images | test images | source |", "|---|---|---|---:|---:|---:|---|"]
@@ -132,6 +148,21 @@ def to_markdown(doc: dict[str, Any]) -> str:
         for c in doc["comparisons"]:
             verdict = f"**{c['verdict']}**" if c["verdict"] == "regression" else c["verdict"]
             lines.append(f"| {c['key']} | {_f(c['baseline_p50'])} | {_f(c['p50'])} | {c['delta'] * 100:+.1f} % | {c['threshold'] * 100:.1f} % | {verdict} |")
+    targets = [t for t in dict.fromkeys(r["target"] for r in rows) if _accuracy_points(rows, t)]
+    if targets:
+        from .recommend import pareto_front
+
+        lines += ["", "## Accuracy vs latency", "", "| target | configuration | p50 ms | top-1 % | Pareto front |", "|---|---|---:|---:|---|"]
+        for t in targets:
+            pts = _accuracy_points(rows, t)
+            front = set(pareto_front([(x, y) for x, y, _ in pts]))
+            for i, (x, y, r) in enumerate(pts):
+                lines.append(f"| {t} | {row_label(r)} | {_f(x)} | {y:.2f} | {'yes' if i in front else ''} |")
+    if doc.get("recommendations") is not None:
+        from .recommend import format_recommendations
+
+        lines += ["", f"## Recommendation (top-1 drop at most {doc['recommendations'][0]['max_drop']:g} points)" if doc["recommendations"]
+                  else "## Recommendation", ""] + [f"- {line.strip()}" for line in format_recommendations(doc["recommendations"])]
     warnings = [f"{row_label(r)}: {w}" for r in rows for w in r.get("warnings", [])]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
@@ -210,6 +241,55 @@ def svg_agreement_scatter(rows: list[dict[str, Any]], width: int = 700, height: 
     return "\n".join(parts)
 
 
+def _accuracy_points(rows: list[dict[str, Any]], target: str) -> list[tuple[float, float, dict[str, Any]]]:
+    return [(r["steady"]["p50"], float(r["accuracy"]["top1"]), r) for r in rows
+            if r["target"] == target and r.get("steady") and "top1" in (r.get("accuracy") or {})]
+
+
+def svg_accuracy_pareto(rows: list[dict[str, Any]], target: str, width: int = 700, height: int = 380) -> str:
+    """Top-1 accuracy against p50 latency for one target, the Pareto front (no other configuration both
+    faster and more accurate) drawn as a line through its points, which are ringed."""
+    from .recommend import pareto_front
+
+    pts = _accuracy_points(rows, target)
+    if not pts:
+        return ""
+    front = pareto_front([(x, y) for x, y, _ in pts])
+    left, right, top, bottom = 70, 20, 30, 50
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x1 = max(xs) * 1.1
+    y0, y1 = min(ys) - 0.5, max(ys) + 0.5
+    sx, sy = (width - left - right) / x1, (height - top - bottom) / (y1 - y0)
+    px = lambda x: left + x * sx  # noqa: E731
+    py = lambda y: height - bottom - (y - y0) * sy  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot pareto-plot" data-target="{_esc(target)}" width="{width}" height="{height}" '
+             f'role="img" aria-label="top-1 accuracy vs p50 latency on {_esc(target)}">',
+             f'<text x="{left}" y="18" font-size="13" font-weight="bold">{_esc(target)}: top-1 accuracy vs p50 latency (Pareto front in red)</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>',
+             f'<text x="{(left + width) / 2}" y="{height - 12}" font-size="11" text-anchor="middle">p50 latency (ms)</text>',
+             f'<text x="14" y="{(top + height) / 2}" font-size="11" transform="rotate(-90 14 {(top + height) / 2})" text-anchor="middle">top-1 %</text>']
+    for t in range(5):
+        xv, yv = x1 * t / 4, y0 + (y1 - y0) * t / 4
+        parts.append(f'<text x="{px(xv):.1f}" y="{height - bottom + 15}" font-size="10" text-anchor="middle">{xv:.3g}</text>')
+        parts.append(f'<text x="{left - 6}" y="{py(yv) + 3:.1f}" font-size="10" text-anchor="end">{yv:.2f}</text>')
+    line = " ".join(f"{px(pts[i][0]):.1f},{py(pts[i][1]):.1f}" for i in front)
+    parts.append(f'<polyline class="pareto-front" points="{line}" fill="none" stroke="#d62728" stroke-width="2.5"/>')
+    colors: dict[tuple, str] = {}
+    for i, (x, y, r) in enumerate(pts):
+        key = (r["artifact"].get("format"), r["artifact"].get("precision"), r["runtime"])
+        color = colors.setdefault(key, _PALETTE[len(colors) % len(_PALETTE)])
+        on = i in front
+        ring = ' stroke="#d62728" stroke-width="2.5"' if on else ""
+        parts.append(f'<circle class="{"pareto" if on else "config"}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="{7 if on else 5}" fill="{color}"{ring}>'
+                     f'<title>{_esc(row_label(r))}: top-1 {y:.2f} % at {x:.3f} ms{" (Pareto front)" if on else ""}</title></circle>')
+    for i, (key, color) in enumerate(colors.items()):
+        parts.append(f'<rect x="{width - 220}" y="{top + 4 + i * 16}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{width - 205}" y="{top + 13 + i * 16}" font-size="10">{_esc("/".join(map(str, key)))}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def _md_table_to_html(md_lines: list[str]) -> str:
     rows = [line.strip().strip("|").split("|") for line in md_lines if line.startswith("|")]
     if len(rows) < 2:
@@ -242,6 +322,8 @@ def to_html(doc: dict[str, Any]) -> str:
         if name.startswith("Latency"):
             body.append(svg_latency_bars(doc["rows"]))
             body.append(svg_agreement_scatter(doc["rows"]))
+        if name.startswith("Accuracy vs latency"):
+            body += [svg_accuracy_pareto(doc["rows"], t) for t in dict.fromkeys(r["target"] for r in doc["rows"])]
         body.append(table or ("<ul>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"))
     style = ("body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 24px}"
              "td,th{border:1px solid #ccc;padding:3px 7px;font-size:12px}th{background:#f3f3f3}svg.plot{display:block;margin:12px 0}"
@@ -266,9 +348,9 @@ def read_probe(label: str, path: str | Path) -> dict[str, Any]:
 
 
 def build_report(run_paths: list[str | Path], out: str | Path, baseline: str | Path | None = None,
-                 probes: list[tuple[str, str | Path]] = ()) -> dict[str, Any]:
-    """Merge, compare, and write report.json / report.md / report.html into ``out``; ``probes`` are
-    (label, probe results JSON) pairs shown in the task-accuracy section."""
+                 max_drop: float | None = None, probes: list[tuple[str, str | Path]] = ()) -> dict[str, Any]:
+    """Merge, compare, recommend (with ``max_drop``), and write report.json / report.md / report.html into
+    ``out``; ``probes`` are (label, probe results JSON) pairs shown in the task-accuracy section."""
     if not run_paths:
         raise QBHeatError("give at least one result JSON written by 'qbheat-export bench' or a bundle.")
     docs = [read_document(p) for p in run_paths]
@@ -278,6 +360,10 @@ def build_report(run_paths: list[str | Path], out: str | Path, baseline: str | P
     if baseline is not None:
         merged["baseline"] = str(baseline)
         merged["comparisons"] = compare(merged, read_document(baseline))
+    if max_drop is not None:
+        from .recommend import recommend
+
+        merged["recommendations"] = recommend(merged["rows"], max_drop)
     validate_document(merged)
     out = Path(out)
     write_text_atomic(out / "report.json", json.dumps(merged, indent=1) + "\n")

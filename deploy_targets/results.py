@@ -14,10 +14,13 @@ several, merges them and renders Markdown and HTML from it. Standard library onl
         load_ms, first_inference_ms
         steady       {n, mean, std, cv, p50, p90, p99, min, max, mad, trimmed_mean, cv_warning, warmup_runs, samples_ms}
         end_to_end   same keys, or null
+        memory       {load: {start_mb, peak_mb, method}, steady: {...}}: peak resident memory of the process while
+                     loading and over the steady-state runs (method "VmHWM": that phase's own peak; "lifetime": since start)
         warnings     [str]
         fingerprint  {cpu_model, cores, usable_cores?, cpu_features?, os, machine, python, governor, temperature_c, runtime, runtime_version,
                       device, device_name, precision, threads, artifact_sha256, runtime_details?}
         parity       the model card's parity entry for the artifact, or null
+        accuracy     the model card's accuracy entry ('qbheat-export eval': top1, top5, drop_top1, drop_top1_ci, n), or null
         golden       {passed, max_abs, mean_abs, cosine, top1_agreement, tolerance} or null
         macs, flops, params   from the model card (PyTorch counts), or null
         skipped      reason, when the configuration could not run (then no timings)
@@ -104,9 +107,20 @@ def row_label(row: dict[str, Any]) -> str:
     return f"{row['target']} · {art.get('format')}/{art.get('precision')} · {runtime_label(row)} · t{row['threads']} b{row['batch']}"
 
 
+def _peak(row: dict[str, Any]) -> str:
+    """The process's peak resident memory over load and steady state, MB, and (+) how far above its
+    resident memory before the load: what loading and running this artifact cost."""
+    mem = row.get("memory") or {}
+    peaks = [p for p in (mem.get(k, {}).get("peak_mb") for k in ("load", "steady")) if p is not None]
+    if not peaks:
+        return "–"
+    start = mem.get("load", {}).get("start_mb")
+    return f"{max(peaks):.0f}" + (f" (+{max(peaks) - start:.0f})" if start is not None else "")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the rows (what the CLIs print at the end)."""
-    head = ["target", "model", "artifact", "runtime", "thr", "batch", "load ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "CV %", "e2e p50", "golden"]
+    head = ["target", "model", "artifact", "runtime", "thr", "batch", "load ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "CV %", "e2e p50", "peak MB", "golden"]
     lines = [head]
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")
@@ -114,7 +128,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       runtime_label(r),
                       str(r["threads"]), str(r["batch"]),
                       _ms(r.get("load_ms")), _ms(r.get("first_inference_ms")), _ms(s.get("p50")), _ms(s.get("p90")), _ms(s.get("p99")),
-                      f"{s['cv'] * 100:.1f}" if s else "–", _ms(e.get("p50")),
+                      f"{s['cv'] * 100:.1f}" if s else "–", _ms(e.get("p50")), _peak(r),
                       "skipped" if r.get("skipped") else "–" if g is None else ("pass" if g["passed"] else "FAIL")])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)

@@ -11,6 +11,7 @@ from qbheat.cli import dispatch
 
 COMMANDS = {
     "export": ("export.commands.export", "convert a checkpoint or timm model plus head to runtime formats, verified"),
+    "eval": ("export.commands.eval", "top-1 / top-5 of PyTorch and every runnable artifact on a labelled set, with the drop"),
     "doctor": ("export.commands.doctor", "which backends are installed and what can run on this machine"),
     "bench": ("deploy_targets.commands.bench", "benchmark exported artifacts on a device profile"),
     "bundle": ("deploy_targets.commands.bundle", "write a self-contained folder to verify and benchmark on a device"),

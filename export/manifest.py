@@ -3,9 +3,10 @@
 One card describes one export folder. It is plain JSON with a versioned schema; deploy_targets,
 bundles and the mobile snippets read it through ``read_model_card`` and never import torch.
 
-Schema ``qbheat.model_card/1`` (keys marked * are required)::
+Schema ``qbheat.model_card/2`` (keys marked * are required; ``/1`` cards, which lack the accuracy
+keys below, are still read, and a card rewritten by ``qbheat-export eval`` becomes ``/2``)::
 
-    schema*          "qbheat.model_card/1"
+    schema*          "qbheat.model_card/2"
     created*         ISO-8601 UTC time
     model*           {name, source: {kind: "checkpoint"|"timm", path, sha256}, pretrain_method,
                       params, macs, flops}          # MACs and FLOPs from PyTorch, FLOPs = 2 × MACs
@@ -36,6 +37,16 @@ Optional keys written by ``export.pipeline`` (additive; readers may ignore them)
                            source checked too and run on ONNX Runtime: {file, notes, check, onnxruntime_parity,
                            min_cosine, passed})
     allow_mismatch, notes, timings_s, recipe
+
+Added in ``/2`` (``qbheat-export eval`` and the export's ``--eval-data`` gate)::
+
+    evaluation             {data: {source, count, sha256}, task, metric, pytorch: {top1, top5, n}, bootstrap:
+                            {resamples, confidence, seed, method}, max_drop|null, created}
+    artifacts[].accuracy   {top1, top5, drop_top1, drop_top1_ci: [lo, hi], drop_top5, drop_top5_ci, n, within_budget|null}
+                           or {skipped: reason} where the artifact cannot run here
+    artifacts[].divergence / not_built[].divergence
+                           {module, cosine, tolerance, onnx_node, compared}: the first module whose intermediate
+                           output falls below the cosine tolerance, where a parity or accuracy check failed
 """
 from __future__ import annotations
 
@@ -44,7 +55,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "qbheat.model_card/1"
+SCHEMA = "qbheat.model_card/2"
+READABLE = ("qbheat.model_card/1", SCHEMA)  # older cards stay readable
 REQUIRED = ("schema", "created", "model", "head", "preprocessing", "io", "artifacts", "tools")
 FILENAME = "model_card.json"
 
@@ -56,8 +68,8 @@ class ModelCardError(ValueError):
 def validate(card: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(card, dict):
         raise ModelCardError("model card must be a JSON object")
-    if card.get("schema") != SCHEMA:
-        raise ModelCardError(f"model card schema is {card.get('schema')!r}; this reader understands {SCHEMA!r}")
+    if card.get("schema") not in READABLE:
+        raise ModelCardError(f"model card schema is {card.get('schema')!r}; this reader understands {' and '.join(map(repr, READABLE))}")
     missing = [k for k in REQUIRED if k not in card]
     if missing:
         raise ModelCardError(f"model card lacks the keys {missing}")

@@ -58,6 +58,10 @@ class ParityError(QBHeatError):
     """An artifact is outside its tolerance; nothing was written."""
 
 
+class AccuracyError(QBHeatError):
+    """An artifact loses more task accuracy than ``--max-drop`` allows; nothing was written."""
+
+
 class Steps:
     """Step lines on stderr: ``[export] 3/11 onnx fp32 … done in 4.2 s``."""
 
@@ -249,7 +253,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     torch.manual_seed(0)
     plan = _artifact_plan(formats, recipe.precisions, "tensorrt" in formats)
     trt_check_needed = any(n["format"] == "tensorrt" for n in not_built)
-    steps = Steps(4 + len(plan) + int(trt_check_needed), quiet)
+    steps = Steps(4 + len(plan) + int(trt_check_needed) + int(bool(recipe.eval_data)), quiet)
 
     steps.start("load model and head")
     src = load_source(recipe)
@@ -301,6 +305,9 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
             worker.close()
     if not artifacts:
         raise ParityError("every artifact was outside its tolerance; nothing was written.")
+    if recipe.eval_data:
+        steps.start(f"accuracy on {recipe.eval_data}")
+        steps.done(_accuracy_gate(ctx, artifacts, not_built))
 
     if trt_check_needed:
         steps.start("tensorrt: ONNX parser operator check")
@@ -321,7 +328,56 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         with contextlib.suppress(OSError):  # a format folder that held only scratch files
             extra.parent.rmdir()
 
-    return _card(ctx, artifacts, not_built, params, macs, steps.timings)
+    card = _card(ctx, artifacts, not_built, params, macs, steps.timings)
+    if ctx.evaluation is not None:
+        card["evaluation"] = ctx.evaluation
+    return card
+
+
+def _accuracy_gate(ctx: "_Context", artifacts: list[dict], not_built: list[dict]) -> str:
+    """Top-1 of every shipped artifact against PyTorch on ``--eval-data``; over ``--max-drop`` → fail closed
+    (or, with ``--drop-mismatch``, leave that artifact out). Parity ran first, so this sees only artifacts
+    that agree with PyTorch on the parity images."""
+    from export import evaluate
+    from export.eval_data import load_eval_set
+    from export.localize import describe
+
+    recipe = ctx.recipe
+    if ctx.src["task"] != "classifier":
+        raise QBHeatError(f"--eval-data measures classifier heads (top-1 / top-5); this export's head is a {ctx.src['task']}.")
+    data = load_eval_set(recipe.eval_data, {"head": {"labels": ctx.src["labels"]}, "preprocessing": ctx.pre.card()}, recipe.eval_limit)
+    ref_scores = evaluate.torch_scores(ctx.reference, data, quiet=ctx.quiet)
+    card = {"artifacts": artifacts}
+    results = evaluate.evaluate_artifacts(ctx.tmp, card, data, ref_scores, quiet=ctx.quiet)
+    over = evaluate.gate(results, card, recipe.max_drop) if recipe.max_drop is not None else []
+    ctx.evaluation = evaluate.evaluation_block(data, ref_scores, recipe.max_drop)
+    for art in artifacts:
+        art["accuracy"] = results[art["path"]]
+    probe = next(data.batches(16))[1]
+    for art, verdict in over:
+        acc = results[art["path"]]
+        div = _divergence(ctx, art, probe)
+        art["divergence"] = div
+        message = verdict.sentence(f"{art['format']} {art['precision']} ({art['path']})", acc["drop_top1_ci"]) + describe(div)
+        if recipe.allow_mismatch:  # kept, and the card says so
+            art["mismatch"] = True
+            art["notes"].append("ACCURACY: " + message)
+            continue
+        if not recipe.drop_mismatch:
+            raise AccuracyError(f"{message}; nothing was written (pass --drop-mismatch to ship the others).")
+        artifacts.remove(art)
+        for f in art.get("files") or [{"path": art["path"]}]:
+            ctx.scratch.append(ctx.tmp / f["path"])
+        not_built.append({"format": art["format"], "precision": art["precision"], "reason": f"accuracy: {message}",
+                          "accuracy": acc, "divergence": div})
+        if not ctx.quiet:
+            print(f"[export]     DROPPED (over the accuracy budget): {message}", file=sys.stderr, flush=True)
+    if not artifacts:
+        raise AccuracyError(f"every artifact was over the --max-drop budget of {recipe.max_drop:g} points; nothing was written.")
+    worst = max((results[a["path"]] for a in artifacts if "drop_top1" in results[a["path"]]), key=lambda r: r["drop_top1"], default=None)
+    budget = f", budget {recipe.max_drop:g}" if recipe.max_drop is not None else ""
+    return (f"PyTorch top-1 {ctx.evaluation['pytorch']['top1']:.2f} % on {len(data)} images; largest drop of those shipped "
+            f"{worst['drop_top1']:+.2f} points{budget}" if worst else "no artifact runs here")
 
 
 def _start_coreml_worker(ctx: "_Context", plan: list[tuple[str, str]], steps: Steps):
@@ -344,7 +400,7 @@ def _ship(ctx: "_Context", steps: Steps, fmt: str, precision: str, art: dict, ar
     except _Dropped as e:  # --drop-mismatch: this artifact is not shipped, the others are
         for f in art.get("files") or [{"path": art["path"]}]:
             ctx.scratch.append(ctx.tmp / f["path"])
-        not_built.append({"format": fmt, "precision": precision, "reason": f"parity: {e}"})
+        not_built.append({"format": fmt, "precision": precision, "reason": f"parity: {e}", "divergence": art.get("divergence")})
         steps.done(f"DROPPED (outside tolerance): {e}")
         return
     artifacts.append(art)
@@ -386,6 +442,7 @@ class _Context:
         self._tensorrt_qdq: Path | None = None
         self.tensorrt_qdq_notes: list[str] = []  # the quantiser's notes on that file
         self._ov_fp32 = None
+        self.evaluation: dict | None = None  # --eval-data: the card's evaluation block
         self.metadata = {
             "qbheat.model_card_schema": SCHEMA, "model": src["name"], "head": src["task"], "head_variant": src["variant"],
             "head_type": getattr(src["head"], "head_type", ""), "labels": json.dumps(src["labels"]),
@@ -691,7 +748,23 @@ class _Dropped(Exception):
     """An artifact outside its tolerance under ``drop_mismatch``."""
 
 
+def _divergence(ctx: _Context, art: dict, images: np.ndarray) -> dict | None:
+    """The first module of a failing ONNX artifact below its cosine tolerance (``export.localize``), or None."""
+    from export import localize
+
+    try:
+        return localize.for_artifact(ctx.tmp / art["path"], art, ctx.deploy, images)
+    except Exception:  # noqa: BLE001  (a diagnosis that cannot run must not hide the failure it explains)
+        return None
+
+
 def _fail(ctx: _Context, art: dict, message: str) -> None:
+    div = _divergence(ctx, art, ctx.check.inputs)
+    if div is not None:
+        from export.localize import describe
+
+        art["divergence"] = div
+        message += describe(div)
     art["notes"].append("MISMATCH: " + message)
     art["mismatch"] = True
     if ctx.recipe.drop_mismatch and not ctx.recipe.allow_mismatch:

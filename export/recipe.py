@@ -50,6 +50,9 @@ class ExportRecipe:
     overwrite: bool = False  # replace a non-empty --out folder
     max_batch: int = 64  # upper bound of the dynamic batch (TensorRT profile max, torch.export Dim max)
     parallel: bool = True  # Linux, ≥ 2 cores: build Core ML in a forked worker beside the other formats
+    eval_data: str | None = None  # labelled set for the accuracy gate: fashion-mnist | an ImageFolder tree
+    eval_limit: int | None = None  # evaluate on an evenly spaced subset of this many images
+    max_drop: float | None = None  # top-1 points an artifact may lose against PyTorch on eval_data
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExportRecipe":
@@ -101,6 +104,14 @@ class ExportRecipe:
             raise QBHeatError(f"unknown --int8-scope {self.int8_scope!r}; choose {' or '.join(INT8_SCOPES)}.")
         if self.calibration_count < 1:
             raise QBHeatError("--calibration-count must be at least 1.")
+        if self.max_drop is not None and not self.eval_data:
+            raise QBHeatError("--max-drop needs --eval-data SOURCE (fashion-mnist or an ImageFolder tree) to measure the drop on.")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise QBHeatError("--max-drop must be a non-negative number of points.")
+        if self.eval_data and self.eval_data != "fashion-mnist" and not Path(self.eval_data).expanduser().is_dir():
+            raise QBHeatError(f"--eval-data {self.eval_data} is neither 'fashion-mnist' nor an existing folder; pass an ImageFolder tree of class sub-folders.")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise QBHeatError("--eval-limit must be at least 1.")
         if self.max_batch < 4:
             raise QBHeatError("--max-batch must be at least 4 (parity runs a batch of 4).")
         return self

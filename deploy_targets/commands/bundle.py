@@ -6,6 +6,7 @@ See ``deploy_targets.bundle``. With ``--run`` the bundle is also copied to the p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the bundle folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--run", action="store_true", help="copy the bundle to the device, run it and fetch result.json next to --out")
+    p.add_argument("--best", nargs="+", metavar="RUNS", help="bundle only the configuration 'report --recommend' picks for this target "
+                   "from these bench results (or a report.json that holds recommendations); needs --max-drop unless a report is given")
+    p.add_argument("--max-drop", type=float, metavar="POINTS", help="the accuracy budget for --best, in top-1 points")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +36,17 @@ def run(args: argparse.Namespace) -> int:
         card = read_model_card(args.export_dir)
     except ModelCardError as e:
         raise QBHeatError(f"{e}.") from None
-    out = write_bundle(card, args.export_dir, profile, args.out, overwrite=args.force)
+    if args.best:
+        from deploy_targets.recommend import best_for
+
+        choice = best_for(args.best, profile.name, args.max_drop)
+        only = [choice["artifact"]]
+        profile = dataclasses.replace(profile, threads=(choice["threads"],), batch=(choice["batch"],),
+                                      precision=choice["precision"])
+        print(f"qbheat-export bundle: best on {profile.name}: {choice['format']}/{choice['precision']} {choice['artifact']}, "
+              f"threads {choice['threads']}, batch {choice['batch']} (p50 {choice['p50_ms']:.3f} ms, top-1 drop "
+              f"{choice['drop_top1']:+.2f} points)", file=sys.stderr)
+    out = write_bundle(card, args.export_dir, profile, args.out, overwrite=args.force, only=only if args.best else None)
     result = Path(str(out).rstrip("/") + ".result.json")
     plan = remote_run_plan(parse_reach(profile.reach), out, result)
     print(f"qbheat-export bundle: wrote {out} for {profile.name} ({profile.runtime}); to run it:", file=sys.stderr)

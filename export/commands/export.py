@@ -9,7 +9,8 @@ Examples:
 
 Exit status: 0 on success; 2 for a user error (unknown model, mismatched checkpoint, missing backend,
 unwritable --out, empty calibration folder); 3 when an artifact fails parity (nothing is written
-unless --allow-mismatch).
+unless --allow-mismatch); 4 when an artifact loses more than --max-drop top-1 points on --eval-data
+(nothing is written unless --drop-mismatch, which leaves that artifact out).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from export.quantize import INT8_SCOPES
 from export.recipe import ExportRecipe
 
 PARITY_EXIT = 3
+ACCURACY_EXIT = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-mismatch", action="store_true", default=None, help="keep artifacts outside tolerance (recorded in the card)")
     p.add_argument("--drop-mismatch", action="store_true", default=None,
                    help="ship the artifacts that pass parity and list the others under not_built (fails only if none passes)")
+    p.add_argument("--eval-data", metavar="SOURCE", help="measure every artifact's top-1 against PyTorch on fashion-mnist (test split) or an ImageFolder tree")
+    p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on an evenly spaced subset of N images")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="fail (exit 4, nothing written) when an artifact loses more top-1 points than this; with --drop-mismatch it is left out")
     p.add_argument("--simplify", action="store_true", default=None, help="run onnxslim (kept only if outputs are unchanged)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out folder")
     p.add_argument("--serial", dest="parallel", action="store_false", default=None,
@@ -55,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 FIELDS = ("checkpoint", "model", "head", "head_variant", "head_type", "num_classes", "formats", "precisions", "calibration",
-          "calibration_count", "int8_scope", "image_size", "max_batch", "out", "allow_mismatch", "drop_mismatch", "simplify", "overwrite", "parallel")
+          "calibration_count", "int8_scope", "image_size", "max_batch", "out", "allow_mismatch", "drop_mismatch", "simplify", "overwrite", "parallel",
+          "eval_data", "eval_limit", "max_drop")
 
 
 def recipe_from_args(args: argparse.Namespace) -> ExportRecipe:
@@ -64,7 +71,7 @@ def recipe_from_args(args: argparse.Namespace) -> ExportRecipe:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.pipeline import ParityError, run_export
+    from export.pipeline import AccuracyError, ParityError, run_export
 
     recipe = recipe_from_args(args)
     try:
@@ -72,12 +79,21 @@ def run(args: argparse.Namespace) -> int:
     except ParityError as e:
         print(f"qbheat-export: parity failed: {e}", file=sys.stderr)
         return PARITY_EXIT
+    except AccuracyError as e:
+        print(f"qbheat-export: accuracy gate failed: {e}", file=sys.stderr)
+        return ACCURACY_EXIT
     if args.json:
         print(json.dumps(card, indent=2))
     else:
         for a in card["artifacts"]:
             flag = " MISMATCH (kept: --allow-mismatch)" if a.get("mismatch") else ""
             print(f"{a['format']:<9} {a['precision']:<5} {a['verified']:<9} {a['size_bytes'] / 1e6:7.2f} MB  {a['path']}{flag}")
+        for a in card["artifacts"]:
+            acc = a.get("accuracy") or {}
+            if "top1" in acc:
+                print(f"{a['format']:<9} {a['precision']:<5} top-1 {acc['top1']:.2f} %, drop {acc['drop_top1']:+.2f} points "
+                      f"[{acc['drop_top1_ci'][0]:+.2f}, {acc['drop_top1_ci'][1]:+.2f}] against PyTorch's "
+                      f"{card['evaluation']['pytorch']['top1']:.2f} %")
         for n in card["not_built"]:
             print(f"{n['format']:<9} not built: {n['reason']}")
             chk = n.get("onnx_check")

@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         "export", "--checkpoint", str(out / "classifier.pt"), "--head", "classifier", "--formats", formats,
         "--calibration", str(calibration), "--calibration-count", "32",
         "--precision", "fp32,fp16,int8", "--image-size", size, "--drop-mismatch", "--out", str(export_dir)])
+    s.run("accuracy of every artifact on the test split", "qbheat-export", [
+        "eval", str(export_dir), "--data", data, *(["--limit", "512"] if quick else [])])
     bench_files = []
     for target in ("local-cpu-ort", "local-cpu-openvino"):
         runtime = "onnx" if target.endswith("ort") else "openvino"
@@ -175,13 +177,16 @@ def run(args: argparse.Namespace) -> int:
     for target, name in (("iphone-coreml", "iphone"), ("android-ort-xnnpack", "android")):
         s.run(f"bundle for {target}", "qbheat-export", [
             "bundle", str(export_dir), "--target", target, "--out", str(out / "bundles" / name)])
-    s.run("report", "qbheat-export", ["report", *bench_files, "--out", str(out),
+    s.run("report", "qbheat-export", ["report", *bench_files, "--out", str(out), "--recommend", "--max-drop", str(MAX_DROP),
                                       "--probe", f"pre-trained (QB-Heat, {steps} steps)={out / 'linear_probe.json'}",
                                       "--probe", f"random init={out / 'random_init_probe.json'}"])
     _copy_model_card(export_dir, out)
     total = time.perf_counter() - t_start
     _summary(out, s.times, total)
     return 0
+
+
+MAX_DROP = 1.0  # top-1 points the recommendation may give up for speed (ours: one point, the example budget)
 
 
 def _copy_model_card(export_dir: Path, out: Path) -> None:
@@ -193,6 +198,14 @@ def _copy_model_card(export_dir: Path, out: Path) -> None:
     for a in card["artifacts"]:
         a["path"] = str(rel / a["path"])
     write_model_card(out, card)
+
+
+def _accuracy_text(art: dict) -> str:
+    acc = art.get("accuracy") or {}
+    if "top1" not in acc:
+        return f"{'–':>7}  {acc.get('skipped', '–')}"
+    lo, hi = acc["drop_top1_ci"]
+    return f"{acc['top1']:7.2f}  {acc['drop_top1']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def _summary(out: Path, times: dict[str, float], total: float) -> None:
@@ -208,7 +221,12 @@ def _summary(out: Path, times: dict[str, float], total: float) -> None:
     if acc is not None:
         print(f"accuracy   linear probe top-1: pre-trained {100 * acc:.2f} % · random init {100 * random_init:.2f} % "
               f"({100 * (acc - random_init):+.2f} points; {probe['data']['test_images']} test images, same probe settings)")
-    print(f"{'artifact':<16} {'verified':<10} {'max abs err':>12} {'min cosine':>11} {'top-1 agree':>12} {'size':>9}")
+    ev = card.get("evaluation")
+    if ev:
+        print(f"PyTorch    top-1 {ev['pytorch']['top1']:.2f} % on {ev['data']['count']} images of {ev['data']['source']} "
+              f"(the export's own run; the drop column is against it, 95 % bootstrap interval)")
+    print(f"{'artifact':<16} {'verified':<10} {'max abs err':>12} {'min cosine':>11} {'top-1 agree':>12} {'size':>9}"
+          f"  {'top-1 %':>7}  drop (pts)")
     for a in card["artifacts"]:
         stats = [o for r in (a.get("parity") or {}).values() for o in r["outputs"].values()]
         worst = max((o["max_abs"] for o in stats), default=None)
@@ -216,10 +234,15 @@ def _summary(out: Path, times: dict[str, float], total: float) -> None:
         agree = min((o["top1_agreement"] for o in stats if "top1_agreement" in o), default=None)
         print(f"{a['format'] + ' ' + a['precision']:<16} {a.get('verified', '?'):<10} "
               f"{'–' if worst is None else f'{worst:.2e}':>12} {'–' if cosine is None else f'{cosine:.5f}':>11} "
-              f"{'–' if agree is None else f'{100 * agree:.0f} %':>12} {a.get('size_bytes', 0) / 1e6:>7.2f}MB")
+              f"{'–' if agree is None else f'{100 * agree:.0f} %':>12} {a.get('size_bytes', 0) / 1e6:>7.2f}MB  {_accuracy_text(a)}")
     for n in card.get("not_built", []):
         what = f"{n['format']} {n.get('precision') or ','.join(n.get('precisions', []))}"
         print(f"{what:<16} not shipped: {n['reason'][:110]}")
+    report = json.loads((out / "report.json").read_text())
+    from deploy_targets.recommend import format_recommendations
+
+    for line in format_recommendations(report.get("recommendations") or []):
+        print(f"recommend  {line}")
     for title, sec in times.items():
         print(f"  {sec:7.1f} s  {title}")
     print(f"  {total:7.1f} s  total")

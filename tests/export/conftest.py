@@ -65,3 +65,53 @@ def detector_ckpt(tmp_path_factory):
     labels = ["bag", "boot", "shirt"]
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "det.pt", "resnet10t", 64, kind="detector",
                             head=("detector", {"num_classes": 3, "width": 32, "score_threshold": 0.57}), labels=labels), labels
+
+
+def fashion_probe(path, name: str = "resnet10t", size: int = 32, train: int = 3000, seed: int = 0):
+    """A probe checkpoint that classifies Fashion-MNIST for real: BatchNorm statistics and a
+    least-squares linear head (one-hot targets, ridge 1e-2) from ``train`` training images."""
+    from qbheat.data import fashion_mnist
+    from qbheat.evaluation.features import Preprocessing, as_uint8_chw
+    from qbheat.heads import head_inputs
+    from qbheat.models import create_model
+
+    torch.manual_seed(seed)
+    images, labels = fashion_mnist.load("train")
+    pick = np.random.default_rng(seed).permutation(len(labels))[:train]
+    pre = Preprocessing(input_size=(3, size, size), mean=MEAN, std=STD, interpolation="bilinear", crop_pct=1.0)
+    x = pre(as_uint8_chw(images[pick]))
+    y = torch.from_numpy(labels[pick])
+    backbone = create_model(name, num_classes=0)
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    backbone.train()
+    with torch.no_grad():
+        for i in range(0, 512, 128):
+            backbone(x[i:i + 128])
+    backbone.eval()
+    head = build_head("linear", backbone, image_size=size, num_classes=10)
+    with torch.no_grad():
+        f = torch.cat([head_inputs(backbone, x[i:i + 256], "pooled") for i in range(0, len(x), 256)]).double()
+        mu, sd = f.mean(0), f.std(0) + 1e-6
+        z = torch.cat([(f - mu) / sd, torch.ones(len(f), 1, dtype=f.dtype)], 1)
+        target = torch.nn.functional.one_hot(y, 10).double()
+        w = torch.linalg.solve(z.T @ z + 1e-2 * torch.eye(z.shape[1], dtype=f.dtype), z.T @ target)  # (D+1)×10
+        head.fc.weight.copy_((w[:-1] / sd[:, None]).T.float())
+        head.fc.bias.copy_((w[-1] - (mu / sd) @ w[:-1]).float())
+    payload = {"kind": "probe", "model": {"name": name, "kwargs": {}}, "backbone": backbone.state_dict(), "method": "qbheat",
+               "head": head_spec(head), "labels": list(fashion_mnist.CLASSES),
+               "preprocessing": {"input_size": [3, size, size], "mean": list(MEAN), "std": list(STD),
+                                 "interpolation": "bilinear", "crop_pct": 1.0}}
+    save_checkpoint(path, payload)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_ckpt(tmp_path_factory):
+    from qbheat.data import fashion_mnist
+
+    if not fashion_mnist.is_available():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    return fashion_probe(tmp_path_factory.mktemp("fm") / "probe.pt")

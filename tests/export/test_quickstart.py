@@ -61,8 +61,18 @@ def test_quickstart_writes_every_promised_file(quick_run):
     assert "Task accuracy" in (out / "report.html").read_text()
     # the commands it ran are the product's own CLI, in order
     lines = [line for line in (out / "commands.sh").read_text().splitlines() if line.startswith("qbheat")]
-    assert [line.split()[1] for line in lines] == ["pretrain", "probe", "probe", "export", "bench", "bench", "bundle",
-                                                   "bundle", "report"]
+    assert [line.split()[1] for line in lines] == ["pretrain", "probe", "probe", "export", "eval", "bench", "bench",
+                                                   "bundle", "bundle", "report"]
+    # every runnable artifact's accuracy on the test split, the drop against PyTorch, the recommendation per local target
+    assert card["evaluation"]["data"]["count"] == 512
+    for a in card["artifacts"]:
+        acc = a["accuracy"]
+        assert ("skipped" in acc) == (a["format"] == "coreml")
+        if "top1" in acc:
+            assert acc["drop_top1"] == pytest.approx(card["evaluation"]["pytorch"]["top1"] - acc["top1"], abs=1e-3)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["target"] for r in report["recommendations"]] == ["local-cpu-ort", "local-cpu-openvino"]
+    assert all(r["choice"] is None or r["choice"]["drop_top1"] <= 1.0 for r in report["recommendations"])
 
 
 def test_quickstart_bundles_for_phone_targets(quick_run):

@@ -196,7 +196,7 @@ def train_supervised(seed: int, epochs: float, max_epochs: float, args: argparse
     aug = mae_augmentation(args.image_size, (0.5, 1.0))
     backbone.train()
     for step, (keys, images) in enumerate(zip(sampler, batch_iterator(dataset, sampler)), start=start):
-        x = aug(images, view_generator(seed, step, 0, torch.device("cpu")))
+        x = aug(images, view_generator(seed, step, torch.device("cpu")))
         idx = torch.tensor([i for _, i in keys])
         loss = F.cross_entropy(classifier(pool_features(*spatial_features(backbone, x))), labels[idx], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)

@@ -111,7 +111,7 @@ def batches(pipeline: str, cfg, method_cls, args, start: int):
         make_views = method_cls.view_transform(cfg)
         device = torch.device("cpu")
         for step, images in enumerate(batch_iterator(dataset, sampler), start=start):
-            yield list(make_views(images, view_generator(0, step, 0, device)))
+            yield list(make_views(images, view_generator(0, step, device)))
 
 
 def measure(method: str, pipeline: str, strides: list[int], args) -> list[float]:

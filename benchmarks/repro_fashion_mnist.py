@@ -271,7 +271,7 @@ def supervised_backbone(row: Row, seed: int, args: argparse.Namespace) -> tuple[
     for step, (batch, uint8) in enumerate(tqdm(zip(sampler, batch_iterator(images, sampler)), total=args.steps,
                                                desc="supervised", disable=args.no_progress, leave=False)):
         idx = [i for _, i in batch]
-        x = aug(uint8, view_generator(seed, step, 0, torch.device("cpu")))
+        x = aug(uint8, view_generator(seed, step, torch.device("cpu")))
         loss = F.cross_entropy(classifier(pool_features(*spatial_features(backbone, x))), labels[idx], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -419,7 +419,9 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             images = _next_batch(batches).to(device, non_blocking=True)  # uint8 b×3×h×w
-            batch = list(make_views(images, view_generator(config.seed, step, rank, device)))  # views, each b×3×S×S
+            # views, each b×3×S×S: this rank's rows of the global batch's augmentation draws
+            batch = list(make_views(images, view_generator(config.seed, step, device),
+                                    rank * sampler.local_batch, config.batch_size))
 
             lr = scheduler.get_last_lr()[0]
             out, grad_norm = training_step(model, objective, batch, optimizer, scaler, scheduler, params,

@@ -17,7 +17,8 @@ fixed size; the random resized crop then works inside that square).
 
 Exact resume is a property of the data, not of the loop: ``GlobalStepSampler`` derives the
 global batch of step s from (seed, epoch) alone and gives each rank its slice of it, and
-``view_generator`` seeds the augmentation of step s on rank r from (seed, s, r). A run resumed at
+``view_generator`` seeds the augmentation of step s from (seed, s); every rank draws for the whole
+global batch and takes its rows, so the views do not depend on the number of processes. A run resumed at
 step s therefore sees exactly the views an uninterrupted run would, whatever the number of
 data-loader workers.
 """
@@ -93,9 +94,9 @@ def resize_square(image: torch.Tensor, side: int) -> torch.Tensor:
     return x[:, top:top + side, left:left + side].round_().clamp_(0, 255).to(torch.uint8)
 
 
-def view_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator the augmentation of global step ``step`` on ``rank`` draws from."""
-    return torch.Generator(device=device).manual_seed(_view_seed(seed, step, rank))
+def view_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator the augmentation of global step ``step`` draws from (the same on every rank)."""
+    return torch.Generator(device=device).manual_seed(_view_seed(seed, step, 2**63 - 1))  # 2**63 − 1: no epoch's permutation key
 
 
 def _view_seed(seed: int, epoch: int, index: int) -> int:

@@ -4,7 +4,7 @@ A view augmentation takes a uint8 batch ``B×3×h×w`` and a ``torch.Generator``
 and returns float32 views ``B×3×S×S``, normalised with mean/std. Every random draw (crop boxes,
 flips, jitter factors, blur widths) is made per image from that generator, so one batch costs a
 handful of tensor ops instead of B per-image PIL or torchvision calls, and on a GPU the
-augmentation runs where the model does. The trainer seeds the generator from (seed, step, rank),
+augmentation runs where the model does. The trainer seeds the generator from (seed, step) and each rank takes its rows of the global batch's draws,
 so views do not depend on the number of loader workers or on where a run was resumed.
 
 - ``mocov2_augmentation``: MoCo v2's "aug+" (Chen et al., arXiv 2003.04297, §2, taken from SimCLR):
@@ -149,15 +149,17 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, g: torch.Generator, brightness: float, contrast: float, saturation: float,
-                 hue: float) -> torch.Tensor:
-    """SimCLR/MoCo colour jitter with per-image factors; the order of the four is drawn once per batch."""
-    n = x.shape[0]
+                 hue: float, rows: slice | None = None, total: int | None = None) -> torch.Tensor:
+    """SimCLR/MoCo colour jitter with per-image factors; the order of the four is drawn once per batch.
+    ``rows`` / ``total``: ``x`` is that slice of a batch of ``total`` images (factors drawn for all)."""
+    n = total or x.shape[0]
+    rows = rows or slice(0, n)
     order = torch.randperm(4, generator=g, device=g.device).tolist()
     factors = {
-        0: _uniform(n, max(0.0, 1 - brightness), 1 + brightness, g),
-        1: _uniform(n, max(0.0, 1 - contrast), 1 + contrast, g),
-        2: _uniform(n, max(0.0, 1 - saturation), 1 + saturation, g),
-        3: _uniform(n, -hue, hue, g),
+        0: _uniform(n, max(0.0, 1 - brightness), 1 + brightness, g)[rows],
+        1: _uniform(n, max(0.0, 1 - contrast), 1 + contrast, g)[rows],
+        2: _uniform(n, max(0.0, 1 - saturation), 1 + saturation, g)[rows],
+        3: _uniform(n, -hue, hue, g)[rows],
     }
     grey = x.shape[1] == 1
     for op in order:
@@ -208,29 +210,36 @@ class ViewAugmentation:
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """uint8 B×3×H×W, or B×1×H×W for grey images (cheaper: one channel until normalisation) → B×3×S×S."""
+    def __call__(self, images: torch.Tensor, g: torch.Generator, offset: int = 0, total: int | None = None) -> torch.Tensor:
+        """uint8 B×3×H×W, or B×1×H×W for grey images (cheaper: one channel until normalisation) → B×3×S×S.
+
+        ``offset`` / ``total``: ``images`` are rows [offset, offset + B) of a global batch of ``total``
+        (one rank's share under DDP); every draw is made for the whole global batch and sliced, so a
+        rank's views equal the single-process run's rows.
+        """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected a B×3×H×W or B×1×H×W batch, got {tuple(images.shape)}")
         grey = images.shape[1] == 1
         n, _, h, w = images.shape
+        total = total or n
+        rows = slice(offset, offset + n)
         if self.crop_scale is None:
             side = min(h, w)
             boxes = torch.tensor([[(h - side) // 2, (w - side) // 2, side, side]], device=images.device).expand(n, 4)
         else:
-            boxes = random_resized_crop_boxes(n, h, w, tuple(self.crop_scale), g)
-        flip = _coin(n, 0.5, g) if self.flip else None
+            boxes = random_resized_crop_boxes(total, h, w, tuple(self.crop_scale), g)[rows]
+        flip = _coin(total, 0.5, g)[rows] if self.flip else None
         x = crop_resize(images, boxes, self.size, flip, self.interpolation)  # B×3×S×S in [0, 1]
         if self.jitter is not None:
-            on = _coin(n, self.jitter_p, g).view(-1, 1, 1, 1)
-            x = torch.where(on, color_jitter(x, g, *self.jitter), x)
+            on = _coin(total, self.jitter_p, g)[rows].view(-1, 1, 1, 1)
+            x = torch.where(on, color_jitter(x, g, *self.jitter, rows=rows, total=total), x)
         if self.grey_p > 0:
-            on = _coin(n, self.grey_p, g).view(-1, 1, 1, 1)
+            on = _coin(total, self.grey_p, g)[rows].view(-1, 1, 1, 1)
             if not grey:  # a grey image is its own greyscale (the draw is still made, so views match)
                 x = torch.where(on, grayscale(x).expand_as(x), x)
         if self.blur_p > 0:
-            on = _coin(n, self.blur_p, g).view(-1, 1, 1, 1)
-            sigma = _uniform(n, *self.blur_sigma, g)
+            on = _coin(total, self.blur_p, g)[rows].view(-1, 1, 1, 1)
+            sigma = _uniform(total, *self.blur_sigma, g)[rows]
             x = torch.where(on, gaussian_blur(x, sigma, blur_kernel_size(self.size)), x)
         if grey:
             x = x.expand(-1, 3, -1, -1)
@@ -261,8 +270,9 @@ class MultiView:
     def __init__(self, augmentation: ViewAugmentation, n: int):
         self.augmentation, self.n = augmentation, n
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return tuple(self.augmentation(images, g) for _ in range(self.n))
+    def __call__(self, images: torch.Tensor, g: torch.Generator, offset: int = 0,
+                 total: int | None = None) -> tuple[torch.Tensor, ...]:
+        return tuple(self.augmentation(images, g, offset, total) for _ in range(self.n))
 
     def __repr__(self) -> str:
         return f"MultiView(n={self.n}, {self.augmentation!r})"

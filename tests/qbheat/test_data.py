@@ -88,15 +88,17 @@ def test_views_depend_only_on_seed_step_and_rank():
     views = MultiView(mocov2_augmentation(32), 2)
     cpu = torch.device("cpu")
     state = torch.get_rng_state()
-    v1, v2 = views(images, view_generator(7, 3, 0, cpu))
+    v1, v2 = views(images, view_generator(7, 3, cpu))
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
     torch.manual_seed(123)  # another global RNG state changes nothing
-    w1, w2 = views(images, view_generator(7, 3, 0, cpu))
+    w1, w2 = views(images, view_generator(7, 3, cpu))
     assert torch.equal(v1, w1) and torch.equal(v2, w2)
     assert not torch.equal(v1, v2)  # two independent views
-    assert not torch.equal(views(images, view_generator(7, 4, 0, cpu))[0], v1)  # the next step gets new views
-    assert not torch.equal(views(images, view_generator(7, 3, 1, cpu))[0], v1)  # so does another rank
-    assert not torch.equal(views(images, view_generator(8, 3, 0, cpu))[0], v1)  # and another seed
+    assert not torch.equal(views(images, view_generator(7, 4, cpu))[0], v1)  # the next step gets new views
+    # a rank's share of the global batch gets exactly the single-process views of those rows
+    half = views(images[2:], view_generator(7, 3, cpu), 2, 4)
+    assert torch.equal(half[0], v1[2:]) and torch.equal(half[1], v2[2:])
+    assert not torch.equal(views(images, view_generator(8, 3, cpu))[0], v1)  # and another seed
 
 
 def test_augmentations_shapes_and_blur_kernel():

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,60 +154,29 @@ def _milestone_file(args, row: str, seed: int, epochs: float) -> Path:
 
 
 def train_supervised(seed: int, epochs: float, max_epochs: float, args: argparse.Namespace) -> Path:
-    """The supervised reference, resumable: cross-entropy (label smoothing 0.1) on the pooled features through a
-    linear layer, AdamW lr 2e-3, wd 0.05, 5 % warm-up + cosine over ``max_epochs``, MAE's augmentation with
-    crop scale 0.5–1 (repro_fashion_mnist's supervised row, here with checkpoints). Returns the checkpoint at
-    ``epochs``, saved in the trainer's format (kind "pretrain") so that probes load it the same way."""
-    import torch.nn.functional as F
+    """repro_fashion_mnist's supervised reference over a ``max_epochs`` schedule, resumed from and saved to its
+    own checkpoint; returns the checkpoint at ``epochs``, in the trainer's format (kind "pretrain") so that
+    probes load it the same way."""
+    from repro_fashion_mnist import SupervisedReference
 
     from qbheat.checkpoint import save_checkpoint
-    from qbheat.data.build import GlobalStepSampler, batch_iterator, build_pretrain_dataset, view_generator
-    from qbheat.data.transforms import mae_augmentation
-    from qbheat.evaluation.features import pool_features
-    from qbheat.models import create_model, spatial_features
-    from qbheat.train import WarmupCosine
+    from qbheat.data.build import GlobalStepSampler
 
     out = Path(args.work_dir) / f"supervised_s{seed}"
     out.mkdir(parents=True, exist_ok=True)
     last = out / "last.pt"
-    torch.manual_seed(seed)
-    backbone = create_model("mobileformer_micro", num_classes=0)
-    dataset = build_pretrain_dataset("fashion-mnist", args.image_size)
-    labels = torch.as_tensor(np.array(dataset.labels))
-    with torch.no_grad():
-        backbone.eval()
-        dim = pool_features(*spatial_features(backbone, torch.zeros(1, 3, args.image_size, args.image_size))).shape[1]
-    classifier = torch.nn.Linear(dim, 10)
-    params = list(backbone.parameters()) + list(classifier.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
-    total = GlobalStepSampler(len(dataset), args.batch_size).steps_for_epochs(max_epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(total, max(1, round(0.05 * total))))
+    steps = GlobalStepSampler(60_000, args.batch_size)
+    ref = SupervisedReference("mobileformer_micro", args.image_size, args.batch_size, seed,
+                              steps.steps_for_epochs(max_epochs))
     start = 0
     if last.is_file():
         ck = torch.load(last, map_location="cpu", weights_only=True)
-        backbone.load_state_dict(ck["backbone"])
-        classifier.load_state_dict(ck["classifier"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
+        ref.load_state_dict(ck)
         start = int(ck["step"])
-    end = GlobalStepSampler(len(dataset), args.batch_size).steps_for_epochs(epochs)
-    sampler = GlobalStepSampler(len(dataset), args.batch_size, seed=seed, start_step=start, end_step=max(start, end))
-    aug = mae_augmentation(args.image_size, (0.5, 1.0))
-    backbone.train()
-    for step, (keys, images) in enumerate(zip(sampler, batch_iterator(dataset, sampler)), start=start):
-        x = aug(images, view_generator(seed, step, torch.device("cpu")))
-        idx = torch.tensor([i for _, i in keys])
-        loss = F.cross_entropy(classifier(pool_features(*spatial_features(backbone, x))), labels[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        opt.step()
-        sched.step()
-    step = max(start, end)
-    save_checkpoint(last, {"kind": "pretrain", "model": {"name": "mobileformer_micro", "kwargs": {}},
-                           "backbone": backbone.state_dict(), "classifier": classifier.state_dict(),
-                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                           "method": "supervised"})
+    end = max(start, steps.steps_for_epochs(epochs))
+    ref.train(start, end)
+    save_checkpoint(last, {"kind": "pretrain", "model": {"name": "mobileformer_micro", "kwargs": {}}, **ref.state_dict(),
+                           "step": end, "method": "supervised"})
     return last
 
 

@@ -236,51 +236,80 @@ def ssl_backbone(row: Row, seed: int, args: argparse.Namespace, work: Path) -> t
     return backbone, info
 
 
-def supervised_backbone(row: Row, seed: int, args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The same backbone trained with labels for the same steps and batch (reference row; recipe is ours).
+class SupervisedReference:
+    """The same backbone trained with labels (reference row; recipe is ours).
 
     Cross-entropy (label smoothing 0.1) through a linear classifier on the pooled features,
-    AdamW lr 2e-3, weight decay 0.05, 5 % warm-up then cosine; MAE's augmentation (random resized
-    crop 0.5–1, flip) on the full 60k training images.
+    AdamW lr 2e-3, weight decay 0.05, 5 % warm-up then cosine over ``total_steps``; MAE's augmentation
+    (random resized crop 0.5–1, flip) on the full 60k training images. ``state_dict`` /
+    ``load_state_dict`` make it resumable (learning_curves.py checkpoints it).
     """
-    import torch.nn.functional as F
 
-    from qbheat.data.build import GlobalStepSampler, batch_iterator, build_pretrain_dataset, view_generator
-    from qbheat.data.transforms import mae_augmentation
-    from qbheat.evaluation.features import pool_features
-    from qbheat.models import create_model, spatial_features
-    from qbheat.train import WarmupCosine
+    def __init__(self, model: str, image_size: int, batch_size: int, seed: int, total_steps: int):
+        from qbheat.data.build import build_pretrain_dataset
+        from qbheat.data.transforms import mae_augmentation
+        from qbheat.evaluation.features import pool_features
+        from qbheat.models import create_model, spatial_features
+        from qbheat.train import WarmupCosine
 
-    torch.manual_seed(seed)
-    backbone = create_model(row.model, num_classes=0)
-    images = build_pretrain_dataset("fashion-mnist", args.image_size)
-    with torch.no_grad():
-        backbone.eval()
-        dim = pool_features(*spatial_features(backbone, torch.zeros(1, 3, args.image_size, args.image_size))).shape[1]
-    classifier = torch.nn.Linear(dim, 10)
-    params = list(backbone.parameters()) + list(classifier.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(args.steps, max(1, round(0.05 * args.steps))))
-    aug = mae_augmentation(args.image_size, (0.5, 1.0))
-    sampler = GlobalStepSampler(len(images), args.batch_size, seed=seed, end_step=args.steps)
-    labels = torch.as_tensor(np.array(images.labels))
+        torch.manual_seed(seed)
+        self.seed, self.batch_size = seed, batch_size
+        self.backbone = create_model(model, num_classes=0)
+        self.dataset = build_pretrain_dataset("fashion-mnist", image_size)
+        self.labels = torch.as_tensor(np.array(self.dataset.labels))
+        with torch.no_grad():
+            self.backbone.eval()
+            dim = pool_features(*spatial_features(self.backbone, torch.zeros(1, 3, image_size, image_size))).shape[1]
+        self.classifier = torch.nn.Linear(dim, 10)
+        self.params = list(self.backbone.parameters()) + list(self.classifier.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=2e-3, weight_decay=0.05)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, WarmupCosine(total_steps, max(1, round(0.05 * total_steps))))
+        self.aug = mae_augmentation(image_size, (0.5, 1.0))
+
+    def train(self, start: int, end: int, progress: bool = False) -> float:
+        """Steps [start, end) of the global-step sampler; returns the last loss (nan if none ran)."""
+        import torch.nn.functional as F
+        from tqdm import tqdm
+
+        from qbheat.data.build import GlobalStepSampler, batch_iterator, view_generator
+        from qbheat.evaluation.features import pool_features
+        from qbheat.models import spatial_features
+
+        sampler = GlobalStepSampler(len(self.dataset), self.batch_size, seed=self.seed, start_step=start, end_step=end)
+        loss = torch.tensor(float("nan"))
+        self.backbone.train()
+        for step, (keys, images) in enumerate(tqdm(zip(sampler, batch_iterator(self.dataset, sampler)), total=len(sampler),
+                                                   desc="supervised", disable=not progress, leave=False), start=start):
+            x = self.aug(images, view_generator(self.seed, step, torch.device("cpu")))
+            idx = [i for _, i in keys]
+            logits = self.classifier(pool_features(*spatial_features(self.backbone, x)))
+            loss = F.cross_entropy(logits, self.labels[idx], label_smoothing=0.1)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 3.0)
+            self.opt.step()
+            self.sched.step()
+        self.backbone.eval()
+        return float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone.state_dict(), "classifier": self.classifier.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.backbone.load_state_dict(state["backbone"])
+        self.classifier.load_state_dict(state["classifier"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+def supervised_backbone(row: Row, seed: int, args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The supervised reference for the same steps and batch as pre-training (``SupervisedReference``)."""
+    ref = SupervisedReference(row.model, args.image_size, args.batch_size, seed, args.steps)
     t, c = time.perf_counter(), time.process_time()
-    backbone.train()
-    from tqdm import tqdm
-
-    for step, (batch, uint8) in enumerate(tqdm(zip(sampler, batch_iterator(images, sampler)), total=args.steps,
-                                               desc="supervised", disable=args.no_progress, leave=False)):
-        idx = [i for _, i in batch]
-        x = aug(uint8, view_generator(seed, step, torch.device("cpu")))
-        loss = F.cross_entropy(classifier(pool_features(*spatial_features(backbone, x))), labels[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        opt.step()
-        sched.step()
-    backbone.eval()
-    return backbone, {"pretrain_wall_s": time.perf_counter() - t, "pretrain_cpu_s": time.process_time() - c,
-                      "final_loss": float(loss.detach())}
+    final_loss = ref.train(0, args.steps, progress=not args.no_progress)
+    return ref.backbone, {"pretrain_wall_s": time.perf_counter() - t, "pretrain_cpu_s": time.process_time() - c,
+                          "final_loss": final_loss}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,11 +234,16 @@ def svg_agreement_scatter(rows: list[dict[str, Any]], width: int = 700, height: 
         color = colors.setdefault(key, _PALETTE[len(colors) % len(_PALETTE)])
         parts.append(f'<circle cx="{left + (x - x0) * sx:.1f}" cy="{height - bottom - (y - y0) * sy:.1f}" r="5" fill="{color}">'
                      f'<title>{_esc(row_label(r))}: {y:.4f} at {x:.3f} ms</title></circle>')
-    for i, (key, color) in enumerate(colors.items()):
-        parts.append(f'<rect x="{width - 220}" y="{top + 4 + i * 16}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{width - 205}" y="{top + 13 + i * 16}" font-size="10">{_esc("/".join(map(str, key)))}</text>')
+    parts += _legend(colors, width, top)
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _legend(colors: dict[tuple, str], width: int, top: int) -> list[str]:
+    """One swatch and label per (format, precision, runtime) key, top right of a plot."""
+    return [f'<rect x="{width - 220}" y="{top + 4 + i * 16}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{width - 205}" y="{top + 13 + i * 16}" font-size="10">{_esc("/".join(map(str, key)))}</text>'
+            for i, (key, color) in enumerate(colors.items())]
 
 
 def _accuracy_points(rows: list[dict[str, Any]], target: str) -> list[tuple[float, float, dict[str, Any]]]:
@@ -283,9 +288,7 @@ def svg_accuracy_pareto(rows: list[dict[str, Any]], target: str, width: int = 70
         ring = ' stroke="#d62728" stroke-width="2.5"' if on else ""
         parts.append(f'<circle class="{"pareto" if on else "config"}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="{7 if on else 5}" fill="{color}"{ring}>'
                      f'<title>{_esc(row_label(r))}: top-1 {y:.2f} % at {x:.3f} ms{" (Pareto front)" if on else ""}</title></circle>')
-    for i, (key, color) in enumerate(colors.items()):
-        parts.append(f'<rect x="{width - 220}" y="{top + 4 + i * 16}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{width - 205}" y="{top + 13 + i * 16}" font-size="10">{_esc("/".join(map(str, key)))}</text>')
+    parts += _legend(colors, width, top)
     parts.append("</svg>")
     return "\n".join(parts)
 

@@ -71,7 +71,7 @@ def fashion_probe(path, name: str = "resnet10t", size: int = 32, train: int = 30
     """A probe checkpoint that classifies Fashion-MNIST for real: BatchNorm statistics and a
     least-squares linear head (one-hot targets, ridge 1e-2) from ``train`` training images."""
     from qbheat.data import fashion_mnist
-    from qbheat.evaluation.features import Preprocessing, as_uint8_chw
+    from qbheat.evaluation.features import Preprocessing, as_uint8_chw, recalibrate_untracked_batchnorm
     from qbheat.heads import head_inputs
     from qbheat.models import create_model
 
@@ -82,14 +82,8 @@ def fashion_probe(path, name: str = "resnet10t", size: int = 32, train: int = 30
     x = pre(as_uint8_chw(images[pick]))
     y = torch.from_numpy(labels[pick])
     backbone = create_model(name, num_classes=0)
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    backbone.train()
-    with torch.no_grad():
-        for i in range(0, 512, 128):
-            backbone(x[i:i + 128])
+    # every BatchNorm's statistics from 512 of the images (the package's label-free re-estimation)
+    recalibrate_untracked_batchnorm(backbone, images[pick[:512]], pre, batch_size=128, progress=False, every_layer=True)
     backbone.eval()
     head = build_head("linear", backbone, image_size=size, num_classes=10)
     with torch.no_grad():

@@ -36,15 +36,19 @@ from deploy_targets.fingerprint import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "qbheat_ablation"
-OLD = {"qbheat.feature_strides": [16], "qbheat.token_conditioning": False}  # the default before issue 19
+OLD = {"qbheat.feature_strides": [16], "qbheat.token_conditioning": False,  # the default before issue 19
+       "qbheat.visible_corner": "top_left"}
+TOP_LEFT = {"qbheat.visible_corner": "top_left"}  # the rows before the random corner (now the YAML's default)
 
 # key → (what changed, PretrainConfig overrides on top of qbheat_fashion_mnist_micro.yaml)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "random": ("random init (no pre-training)", {}),
     "old_default": ("issue-7 default: stride 16 only, top-left block, per-patch normalised target", OLD),
-    "s16_s32": ("+ loss at strides 16 and 32, decoders read token 0 (trains every part)", {}),
-    "s16_s32_notoken": ("strides 16 and 32 without token conditioning", {"qbheat.token_conditioning": False}),
+    "s16_s32": ("+ loss at strides 16 and 32, decoders read token 0 (trains every part)", TOP_LEFT),
+    "s16_s32_notoken": ("strides 16 and 32 without token conditioning", {**TOP_LEFT, "qbheat.token_conditioning": False}),
     "s16_s32_rand": ("+ random visible corner", {"qbheat.visible_corner": "random"}),
+    "s16_s32_centre": ("+ centred visible block instead of a corner (steps outwards in 8 directions)",
+                       {"qbheat.visible_corner": "centre"}),
     "s16_s32_rand_raw": ("+ random corner, raw-pixel target", {"qbheat.visible_corner": "random",
                                                                "qbheat.norm_pix_loss": False}),
     "s32_rand": ("stride 32 only (+ token 0), random corner", {"qbheat.visible_corner": "random",

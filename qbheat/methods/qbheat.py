@@ -12,10 +12,11 @@ used here (see ``/work/shared/reference/qbheat_mobileformer.md`` §A):
 
 Choices where the paper is silent (each one a ``QBHeatConfig`` field):
 
-- ``visible_corner``: "top_left" (Fig. 1's layout) or "random" per sample (the default: on Fashion-MNIST,
+- ``visible_corner``: "top_left" (Fig. 1's layout), "random" per sample (the default: on Fashion-MNIST,
   whose items are centred, a fixed top-left quarter is mostly background; see
-  ``benchmarks/results/qbheat_ablation.md``). A step towards −x uses
-  z(x−Δx) = (I − A) z, the same forward-Euler step taken the other way.
+  ``benchmarks/results/qbheat_ablation.md``), or "centre": the visible block is the image's central
+  half-by-half block and the step goes outwards in all eight directions (``centre_latent``). A step
+  towards −x uses z(x−Δx) = (I − A) z, the same forward-Euler step taken the other way.
 - ``diagonal``: order of the two steps for the diagonal quarter, (I+B)(I+A) ("x_then_y"), the
   reverse, or their average; they differ unless A and B commute.
 - ``feature_strides``: which encoder levels are extrapolated, each with its own predictor and
@@ -50,7 +51,7 @@ from qbheat.methods._recipe import OptimRecipe
 if TYPE_CHECKING:
     from qbheat.config import PretrainConfig
 
-CORNERS = ("top_left", "random")
+CORNERS = ("top_left", "random", "centre")
 DIAGONALS = ("x_then_y", "y_then_x", "average")
 
 
@@ -92,6 +93,8 @@ def sample_visible_corners(batch: int, corner: str, device: torch.device) -> tup
     if corner == "top_left":
         zero = torch.zeros(batch, dtype=torch.long, device=device)
         return zero, zero.clone()
+    if corner == "centre":
+        raise ValueError("the centred block is not a quarter; use centre_latent and centre_block_mask")
     if corner == "random":
         cy = torch.randint(0, 2, (batch,), device=device)
         cx = torch.randint(0, 2, (batch,), device=device)
@@ -114,10 +117,40 @@ def visible_quarter(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor) -> torc
 
 def quarter_block_mask(cy: torch.Tensor, cx: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Boolean B×1×H×W mask, True on the three masked quarters, False on the visible one."""
-    rows = torch.arange(height, device=cy.device) >= height // 2  # H: True in the bottom half
-    cols = torch.arange(width, device=cx.device) >= width // 2  # W: True in the right half
-    visible = (rows[None, :, None] == cy.bool()[:, None, None]) & (cols[None, None, :] == cx.bool()[:, None, None])
+    rows = torch.arange(height, device=cy.device).div(height // 2, rounding_mode="floor")  # H: 0 top, 1 bottom half
+    cols = torch.arange(width, device=cx.device).div(width // 2, rounding_mode="floor")  # W: 0 left, 1 right half
+    visible = (rows[None, :, None] == cy[:, None, None]) & (cols[None, None, :] == cx[:, None, None])
     return ~visible[:, None]  # B×1×H×W
+
+
+def centre_block_mask(batch: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Boolean B×1×H×W mask, True outside the central (H/2)×(W/2) block, False on it."""
+    rows = (torch.arange(height, device=device) - height // 4).div(height // 2, rounding_mode="floor") != 0
+    cols = (torch.arange(width, device=device) - width // 4).div(width // 2, rounding_mode="floor") != 0
+    return (rows[:, None] | cols[None, :]).expand(batch, 1, height, width)
+
+
+def centre_latent(z: torch.Tensor, predictor: "HeatPredictor") -> torch.Tensor:
+    """Full latent map B×C×2c×2c around a centred visible block's features z (B×C×c×c).
+
+    The eight neighbouring blocks, one block-width away in each direction, are heat steps of z:
+    (I ± A) z sideways, (I ± B) z up and down, both for the diagonals. Laid out 3×3 they span
+    [−c/2, 5c/2) around the image's 2c cells; the image's window is cut out. Where c is odd the
+    layout is first repeated 2× (nearest) so the window falls on whole cells, then pooled back.
+    """
+    b = z.shape[0]
+    ones = torch.ones(b, device=z.device)
+    right, down, down_right = predictor(z, ones, ones)
+    left, up, up_left = predictor(z, -ones, -ones)
+    _, _, up_right = predictor(z, ones, -ones)
+    _, _, down_left = predictor(z, -ones, ones)
+    grid = torch.cat([torch.cat(row, dim=3) for row in
+                      ((up_left, up, up_right), (left, z.float(), right), (down_left, down, down_right))], dim=2)
+    c = z.shape[-1]
+    if c % 2 == 0:
+        return grid[..., c // 2: c // 2 + 2 * c, c // 2: c // 2 + 2 * c]
+    fine = grid.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # 6c cells; the image is [c, 5c)
+    return F.avg_pool2d(fine[..., c: 5 * c, c: 5 * c], 2)
 
 
 def assemble_quarters(z: torch.Tensor, z_h: torch.Tensor, z_v: torch.Tensor, z_d: torch.Tensor,
@@ -238,18 +271,21 @@ def masked_reconstruction_loss(pred: torch.Tensor, image: torch.Tensor, mask: to
                                norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Mean squared error over masked patches (MAE, He et al. 2021, Eq. in §3 "Reconstruction target").
 
-    pred, image: B×3×H×W; mask: B×1×H×W, True where masked (whole patches). With ``norm_pix`` the
-    target of each p×p×3 patch is normalised by that patch's mean and variance (MAE's
-    ``norm_pix_loss``). The loss is the mean over masked patches of the per-patch mean squared error.
+    pred, image: B×3×H×W; mask: B×1×H×W, True where masked. With ``norm_pix`` the target of each
+    p×p×3 patch is normalised by that patch's mean and variance (MAE's ``norm_pix_loss``). The loss is
+    the mean squared error over masked pixels, which for masks of whole patches is the mean over masked
+    patches of the per-patch mean squared error (the centred block's mask cuts patches at stride 32).
     """
     target = patchify(image.float(), patch)  # B×N×P
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + eps).sqrt()
-    per_patch = (patchify(pred.float(), patch) - target).pow(2).mean(dim=-1)  # B×N
-    weight = patchify(mask.float(), patch)[..., 0]  # B×N, 1 on masked patches
-    return (per_patch * weight).sum() / weight.sum().clamp(min=1.0)
+    err = (patchify(pred.float(), patch) - target).pow(2)  # B×N×P, P = p·p·C with C fastest
+    b, n, _ = err.shape
+    err = err.reshape(b, n, patch * patch, -1).sum(dim=-1)  # B×N×p² (summed over channels)
+    weight = patchify(mask.float(), patch)  # B×N×p², 1 on masked pixels
+    return (err * weight).sum() / (weight.sum() * pred.shape[1]).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,19 +412,27 @@ class QBHeat(nn.Module):
         b, _, h, w = x.shape
         if h != self.image_size or w != self.image_size:
             raise QBHeatError(f"QB-Heat was built for {self.image_size}-pixel images but got {h}×{w}; keep image_size fixed.")
-        cy, cx = sample_visible_corners(b, self.cfg.visible_corner, x.device)
-        visible = visible_quarter(x, cy, cx)  # B×3×H/2×W/2
+        centre = self.cfg.visible_corner == "centre"
+        if centre:
+            visible = x[:, :, h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2]  # B×3×H/2×W/2
+            mask = centre_block_mask(b, h, w, x.device)  # B×1×H×W
+        else:
+            cy, cx = sample_visible_corners(b, self.cfg.visible_corner, x.device)
+            visible = visible_quarter(x, cy, cx)  # B×3×H/2×W/2
+            sx, sy = 1 - 2 * cx, 1 - 2 * cy  # +1: masked neighbour lies towards +x / +y
+            mask = quarter_block_mask(cy, cx, h, w)  # B×1×H×W
         maps, tokens = self.encode(visible)  # per level B×C×h'×w'; B×T×d or None
         token0 = tokens[:, 0] if tokens is not None else None  # B×d
-        sx, sy = 1 - 2 * cx, 1 - 2 * cy  # +1: masked neighbour lies towards +x / +y
-        mask = quarter_block_mask(cy, cx, h, w)  # B×1×H×W
         losses = []
         for z, stride, predictor, decoder in zip(maps, self.feature_strides, self.predictors, self.decoders):
             cells = (h // 2) // stride
             if z.shape[-2:] != (cells, cells) or z.shape[1] != predictor.dim:
                 raise ValueError(f"encoder gave {tuple(z.shape)} at stride {stride}; expected B×{predictor.dim}×{cells}×{cells}")
-            z_h, z_v, z_d = predictor(z, sx, sy)
-            latent = assemble_quarters(z.float(), z_h, z_v, z_d, cy, cx)  # B×C×2h'×2w'
+            if centre:
+                latent = centre_latent(z, predictor)  # B×C×2h'×2w'
+            else:
+                z_h, z_v, z_d = predictor(z, sx, sy)
+                latent = assemble_quarters(z.float(), z_h, z_v, z_d, cy, cx)  # B×C×2h'×2w'
             recon = decoder(latent, token0)  # B×3×H×W
             losses.append(masked_reconstruction_loss(recon, x, mask, stride, self.cfg.norm_pix_loss))
         out: dict[str, Any] = {"loss": torch.stack(losses).mean()}

@@ -9,6 +9,8 @@ from qbheat.methods.qbheat import (
     QBHeat,
     QBHeatConfig,
     assemble_quarters,
+    centre_block_mask,
+    centre_latent,
     masked_reconstruction_loss,
     quarter_block_mask,
     resolve_feature_levels,
@@ -229,3 +231,54 @@ def test_default_trains_every_part_the_probes_read():
     assert new > 0.97 and all(".q." in n and "mobile_to_former" in n for n in new_dead)
     full, full_dead = _grad_share(QBHeat(create_model("mobileformer_micro", num_classes=0), QBHeatConfig(), 128), 128)
     assert full == 1.0 and full_dead == []
+
+
+def test_centre_mask_leaves_only_the_central_block_visible():
+    mask = centre_block_mask(2, 8, 12, torch.device("cpu"))
+    assert mask.shape == (2, 1, 8, 12)
+    visible = ~mask[0, 0]
+    assert visible[2:6, 3:9].all() and visible.sum() == 4 * 6  # rows [H/4, 3H/4), columns [W/4, 3W/4)
+
+
+def test_centre_latent_steps_outwards_from_the_visible_block():
+    torch.manual_seed(3)
+    pred = HeatPredictor(4)
+    with torch.no_grad():
+        pred.A.normal_(), pred.B.normal_()
+    eye = torch.eye(4)
+    step = lambda m, z: torch.einsum("oc,bchw->bohw", m, z)  # noqa: E731
+    z = torch.randn(2, 4, 2, 2)  # c = 2 cells: the window is [1, 5) of the 3×3 layout's 6 cells
+    lat = centre_latent(z, pred)
+    assert lat.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(lat[..., 1:3, 1:3], z)  # the visible block sits in the centre
+    torch.testing.assert_close(lat[..., 1:3, 3], step(eye + pred.A, z)[..., :, 0])  # right: (I + A) z, its left column
+    torch.testing.assert_close(lat[..., 0, 1:3], step(eye - pred.B, z)[..., 1, :])  # up: (I − B) z, its bottom row
+    torch.testing.assert_close(lat[..., 3, 0], step(eye + pred.B, step(eye - pred.A, z))[..., 0, 1])  # down-left, x then y
+    one = torch.randn(2, 4, 1, 1)  # c = 1 (stride 32 at 64 px): each cell averages the block and its neighbours
+    lat1 = centre_latent(one, pred)
+    assert lat1.shape == (2, 4, 2, 2)
+    want = (one + step(eye + pred.A, one) + step(eye + pred.B, one) + step(eye + pred.B, step(eye + pred.A, one))) / 4
+    torch.testing.assert_close(lat1[..., 1:, 1:], want)
+
+
+def test_centre_block_encoder_sees_only_the_centre_and_trains():
+    torch.manual_seed(0)
+    method = QBHeat(create_model("mobileformer_micro", num_classes=0), QBHeatConfig(visible_corner="centre"), 64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    out = method([x])
+    y = torch.where(centre_block_mask(2, 64, 64, x.device), torch.randn_like(x), x)
+    out2 = method([y])
+    torch.testing.assert_close(out["embeddings"][0], out2["embeddings"][0])
+    assert abs(out["loss"].item() - out2["loss"].item()) > 1e-5
+    out["loss"].backward()
+    assert all(p.A.grad.abs().sum() > 0 and p.B.grad.abs().sum() > 0 for p in method.predictors)
+
+
+def test_masked_loss_on_pixels_of_a_cut_patch():
+    """A mask that cuts patches (the centred block at stride 32) averages over masked pixels only."""
+    torch.manual_seed(4)
+    pred, img = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    mask = centre_block_mask(1, 4, 4, torch.device("cpu"))
+    got = masked_reconstruction_loss(pred, img, mask, patch=4, norm_pix=False)
+    want = ((pred - img) ** 2)[mask.expand(1, 3, 4, 4)].mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)

@@ -290,8 +290,9 @@ def verdicts(agg: list[dict[str, Any]], raw_linear: float | None, ratio: float) 
             parts.append(f"vs raw pixels {100 * m:+.1f} ({'yes' if m > 2 * a['linear']['std'] else 'no'})")
         mo = at.get(("mocov2", e))
         if mo:
-            d = a["linear"]["mean"] - mo["linear"]["mean"]
-            parts.append(f"linear vs MoCo-v2 at equal epochs {100 * d:+.1f} ({'on par or better' if d >= -0.02 else 'below'})")
+            v, m = _beats(a["linear"], mo["linear"])
+            parts.append(f"linear vs MoCo-v2 at equal epochs {100 * m:+.1f} "
+                         f"({'better' if v == 'yes' else 'below' if v == 'no' else 'on par, within 2 × spread'})")
             v, m = _beats(a["nonlinear"], mo["nonlinear"])
             parts.append(f"non-linear vs MoCo-v2 {100 * m:+.1f} ({v})")
         eq = at.get(("mocov2", round(round(a["epochs"] * ratio * (60_000 // 128)) / (60_000 // 128), 2)))

@@ -49,7 +49,7 @@ from deploy_targets import fingerprint
 from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, round_ratios, summarize, target_verdict, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
-from export.parity import agreement
+from qbheat_contract.parity import agreement
 from export.quantize import INT8_SCOPES
 from lean_graph import openvino_by_type  # benchmarks/lean_graph.py: OpenVINO PERF_COUNT time by node type
 from qbheat.data.samples import sample_images

@@ -68,7 +68,7 @@ import torch.nn as nn
 from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
-from export.parity import agreement
+from qbheat_contract.parity import agreement
 from export.quantize import INT8_SCOPES as EXPORT_INT8_SCOPES
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners import get_runner

@@ -1,6 +1,6 @@
 """Deployable heads on a frozen backbone, and ``DeployableModel``: backbone + head as one module.
 
-One registry, ``HEADS``, maps a head type to a small ``nn.Module`` built from plain keyword
+One registry, ``HEAD_CLASSES``, maps a head type to a small ``nn.Module`` built from plain keyword
 arguments, so that a checkpoint can store a trained head as ``{"type", "kwargs", "state"}``
 (``head_spec`` / ``head_from_spec``) and export can rebuild it without pickled code.
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from qbheat.errors import QBHeatError
 
 __all__ = [
-    "HEADS",
+    "HEAD_CLASSES",
     "CONSUMES",
     "register_head",
     "create_head",
@@ -63,16 +63,16 @@ __all__ = [
     "giou_loss",
 ]
 
-HEADS: dict[str, type[nn.Module]] = {}
+HEAD_CLASSES: dict[str, type[nn.Module]] = {}
 CONSUMES = ("pooled", "embedding", "spatial", "multiscale")
 
 
 def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in HEADS:
+        if name in HEAD_CLASSES:
             raise ValueError(f"head {name!r} registered twice")
         cls.head_type = name
-        HEADS[name] = cls
+        HEAD_CLASSES[name] = cls
         return cls
 
     return deco
@@ -80,10 +80,10 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 def create_head(type: str, **kwargs: Any) -> nn.Module:  # noqa: A002  (the checkpoint key is "type")
     """Build a head of a registered type from plain keyword arguments."""
-    if type not in HEADS:
-        raise QBHeatError(f"unknown head type {type!r}; choose one of {sorted(HEADS)}.")
+    if type not in HEAD_CLASSES:
+        raise QBHeatError(f"unknown head type {type!r}; choose one of {sorted(HEAD_CLASSES)}.")
     try:
-        return HEADS[type](**kwargs)
+        return HEAD_CLASSES[type](**kwargs)
     except TypeError as e:
         raise QBHeatError(f"head {type!r} cannot be built from {sorted(kwargs)} ({e}).") from None
 
@@ -146,9 +146,9 @@ def _probe_dims(backbone: nn.Module, consumes: str, image_size: int, strides=(8,
 
 def build_head(type: str, backbone: nn.Module, *, image_size: int = 224, **kwargs: Any) -> nn.Module:  # noqa: A002
     """Create a head whose input widths are measured on ``backbone`` (one dry run at ``image_size``)."""
-    if type not in HEADS:
-        raise QBHeatError(f"unknown head type {type!r}; choose one of {sorted(HEADS)}.")
-    cls = HEADS[type]
+    if type not in HEAD_CLASSES:
+        raise QBHeatError(f"unknown head type {type!r}; choose one of {sorted(HEAD_CLASSES)}.")
+    cls = HEAD_CLASSES[type]
     consumes = cls.consumes_for(kwargs)
     dims = _probe_dims(backbone, consumes, image_size, tuple(kwargs.get("strides", (8, 16, 32))))
     return create_head(type, **{**dims, **kwargs})

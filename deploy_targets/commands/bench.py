@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 
 
 def _ints(text: str) -> list[int]:
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve(paths: list[str], profile) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
     """(artifact entry with abs_path, model card or None) for each artifact the profile can run."""
-    from export.manifest import FILENAME, ModelCardError, read_model_card
+    from qbheat_contract.card import FILENAME, ModelCardError, read_model_card
 
     from deploy_targets.bundle import select_artifacts
     from deploy_targets.runners import FORMAT_RUNTIMES, format_of

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 
 # runtime -> (module, class); modules are imported on demand so a missing runtime costs nothing.
 RUNNERS = {

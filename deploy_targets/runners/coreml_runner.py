@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from . import Runner, _missing
 
 COMPUTE_UNITS = {"cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE", "all": "ALL"}

@@ -8,7 +8,7 @@ import torch
 from qbheat.data import fashion_mnist
 from qbheat.errors import QBHeatError
 from qbheat.evaluation.detection import (DetectionConfig, coco_map, load_coco_split, run_detection)
-from qbheat.evaluation.features import Preprocessing
+from qbheat.evaluation.features import ProbePreprocessing as Preprocessing
 
 needs_fm = pytest.mark.skipif(not fashion_mnist.is_available(), reason="install dataset-fashion-mnist (apt-get) for this test")
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from qbheat.errors import QBHeatError
-from qbheat.evaluation.features import (FeatureSet, Preprocessing, as_uint8_chw, extract_features, holdout_split,
+from qbheat.evaluation.features import (FeatureSet, ProbePreprocessing as Preprocessing, as_uint8_chw, extract_features, holdout_split,
                                        pool_features, recalibrate_untracked_batchnorm)
 from qbheat.evaluation.knn import knn_predict, run_knn
 from qbheat.evaluation.linear_probe import LinearProbeConfig, fit_linear, run_linear_probe, select_and_fit

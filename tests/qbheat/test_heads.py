@@ -8,7 +8,7 @@ import torch.nn as nn
 from qbheat._compat import nms as greedy_nms
 from qbheat.errors import QBHeatError
 from qbheat.heads import (
-    HEADS,
+    HEAD_CLASSES as HEADS,
     VARIANTS,
     DeployableModel,
     DetectorHead,

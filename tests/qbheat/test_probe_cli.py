@@ -39,7 +39,7 @@ def test_linear_probe_cli_writes_results_and_an_exportable_probe(tmp_path, capsy
     assert ckpt["head"]["type"] == "linear" and len(ckpt["labels"]) == 10
     assert ckpt["preprocessing"]["input_size"] == [3, 32, 32] and ckpt["preprocessing"]["interpolation"] == "bilinear"
     # the export contract: backbone + head rebuilt from the file give the reported accuracy
-    from qbheat.evaluation.features import Preprocessing, as_uint8_chw
+    from qbheat.evaluation.features import ProbePreprocessing as Preprocessing, as_uint8_chw
     from qbheat.evaluation.sources import classification_data
     from qbheat.heads import DeployableModel, head_from_spec
 

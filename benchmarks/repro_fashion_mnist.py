@@ -51,7 +51,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import qbheat  # noqa: E402,F401  (torchvision shim before timm)
 from deploy_targets.fingerprint import cpu_model

@@ -105,6 +105,14 @@ def _missing(runtime: str, package: str, extra: str) -> QBHeatError:
     return QBHeatError(f"the {runtime} runner needs the Python package {package!r}; install it (pip install 'qbheat[{extra}]') on this machine.")
 
 
+def import_runtime(module: str, runtime: str, package: str, extra: str):
+    """Import a runtime's Python module when a runner loads; its absence is a user error naming the package."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise _missing(runtime, package, extra) from None
+
+
 def get_runner(runtime: str, threads: int = 0, precision: str = "fp32", **options: Any) -> Runner:
     if runtime not in RUNNERS:
         raise QBHeatError(f"no runner for runtime {runtime!r}; known runtimes are {sorted(RUNNERS)}.")

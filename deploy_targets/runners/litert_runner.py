@@ -12,17 +12,14 @@ from typing import Any
 import numpy as np
 
 from qbheat_contract.errors import QBHeatError
-from . import Runner, _missing
+from . import Runner, import_runtime
 
 
 class LiteRtRunner(Runner):
     runtime = "litert"
 
     def _load(self, path: Path) -> None:
-        try:
-            from ai_edge_litert import interpreter as litert
-        except ImportError:
-            raise _missing("litert", "ai-edge-litert", "litert") from None
+        litert = import_runtime("ai_edge_litert.interpreter", "litert", "ai-edge-litert", "litert")
         self._litert = litert
         try:
             self.interpreter = litert.Interpreter(model_path=str(path), num_threads=self.threads or None)

@@ -16,13 +16,7 @@ from qbheat.heads import create_head, head_inputs
 from qbheat.models import create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny: one thread avoids the sync overhead of two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _blobs(n, dim, k, sep, seed):

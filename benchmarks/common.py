@@ -72,38 +72,31 @@ def onnx_nodes(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-class OrtRunner:
-    """``deploy_targets``' ONNX Runtime runner (``allow_spinning``; ``profile_prefix`` switches its profiler
-    on), called with an array; returns the first output."""
+class ArrayRunner:
+    """A ``deploy_targets`` runner called with one array; returns the first output. Other attributes
+    (``session``, ``compiled``) are the runner's."""
 
-    def __init__(self, path: Path, threads: int, spinning: bool = True, profile_prefix: str | None = None):
-        self.runner = get_runner("onnxruntime", threads=threads, precision="fp32", allow_spinning=spinning,
-                                 profile_prefix=profile_prefix).load(path)
+    def __init__(self, runtime: str, path: Path, threads: int, batch: int | None = None, **options):
+        self.runner = get_runner(runtime, threads=threads, precision="fp32", **options).load(path, batch=batch)
         self.name = self.runner.inputs()[0]["name"]
 
-    @property
-    def session(self):
-        return self.runner.session
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["runner"], name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return next(iter(self.runner.run({self.name: x}).values()))
 
 
-class OpenVinoRunner:
-    """``deploy_targets``' OpenVINO runner (f32 hint, LATENCY, one stream, ``threads`` threads;
-    compiled for batch 1, other shapes on first use), called with an array. The file is read as it
-    is: an ONNX graph directly, with no fp16 weight compression on the way."""
+def OrtRunner(path: Path, threads: int, spinning: bool = True, profile_prefix: str | None = None) -> ArrayRunner:  # noqa: N802
+    """ONNX Runtime with intra-op spinning on or off (``profile_prefix``: its per-node profiler on)."""
+    return ArrayRunner("onnxruntime", path, threads, allow_spinning=spinning, profile_prefix=profile_prefix)
 
-    def __init__(self, path: Path, threads: int, perf_count: bool = False):
-        self.runner = get_runner("openvino", threads=threads, precision="fp32", perf_count=perf_count).load(path, batch=1)
-        self.name = self.runner.inputs()[0]["name"]
 
-    @property
-    def compiled(self):
-        return self.runner.compiled
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return next(iter(self.runner.run({self.name: x}).values()))
+def OpenVinoRunner(path: Path, threads: int, perf_count: bool = False) -> ArrayRunner:  # noqa: N802
+    """OpenVINO as the runner sets it up (f32 hint, LATENCY, one stream, ``threads`` threads; compiled for
+    batch 1, other shapes on first use). The file is read as it is: an ONNX graph directly, with no fp16
+    weight compression on the way."""
+    return ArrayRunner("openvino", path, threads, batch=1, perf_count=perf_count)
 
 
 def atomic_write(path: Path, text: str) -> None:

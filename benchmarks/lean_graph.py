@@ -152,7 +152,7 @@ INT8_SCOPES = {  # what NNCF quantises (OpenVINO post-training quantisation, nat
 }
 
 
-def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "OpenVinoRunner":
+def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "ArrayRunner":
     import logging
 
     import nncf

@@ -31,7 +31,7 @@ def reference_model(card: dict, checkpoint: str | None = None) -> tuple[torch.nn
     from export.pipeline import load_source
     from export.recipe import ExportRecipe
     from qbheat_contract.hashing import artifact_sha256
-    from qbheat.heads import DeployableModel
+    from export.deployable import DeployableModel
 
     source = card["model"]["source"]
     head = card["head"]

@@ -44,12 +44,13 @@ import torch
 from export import backends
 from qbheat_contract import parity
 from export.calibration import ImageSet, Preprocessing, calibration_and_parity
+from export.deployable import DeployableModel, check_variant
 from qbheat_contract.card import SCHEMA, write_model_card
-from export.recipe import HEAD_VARIANTS, NEW_HEAD_CLASSES, ExportRecipe
+from export.recipe import NEW_HEAD_CLASSES, ExportRecipe
 from qbheat.checkpoint import build_backbone, load_checkpoint
 from qbheat_contract.hashing import artifact_sha256, file_sha256
 from qbheat.errors import QBHeatError
-from qbheat.heads import DeployableModel, build_head, head_from_spec
+from qbheat.heads import build_head, head_from_spec
 
 CHECKPOINT_HEAD = {"probe": "classifier", "detector": "detector", "pretrain": "features"}
 PARITY_BATCHES = (1, 4)
@@ -151,9 +152,7 @@ def load_source(recipe: ExportRecipe) -> dict[str, Any]:
             head = build_head("detector", backbone, image_size=pre.height, num_classes=n)
         labels = [f"class_{i}" for i in range(n)]
         notes.append(f"head: new, untrained {head.head_type} ({n} classes); export a probe/detector checkpoint to ship a trained head")
-    variant = recipe.head_variant or next(iter(HEAD_VARIANTS[head_task]))
-    if variant not in HEAD_VARIANTS[head_task]:
-        raise QBHeatError(f"a {head_task} head has the variants {', '.join(HEAD_VARIANTS[head_task])}, not {variant!r}.")
+    variant = check_variant(head_task, recipe.head_variant)
     return {"backbone": backbone, "head": head, "task": head_task, "variant": variant, "labels": labels, "pre": pre,
             "name": name, "method": method, "source": source, "notes": notes}
 

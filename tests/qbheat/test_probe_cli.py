@@ -36,7 +36,8 @@ def test_linear_probe_cli_writes_results_and_an_exportable_probe(tmp_path, capsy
     # the export contract: backbone + head rebuilt from the file give the reported accuracy
     from qbheat.evaluation.features import ProbePreprocessing as Preprocessing, as_uint8_chw
     from qbheat.evaluation.sources import classification_data
-    from qbheat.heads import DeployableModel, head_from_spec
+    from export.deployable import DeployableModel
+    from qbheat.heads import head_from_spec
 
     model = DeployableModel(build_backbone(ckpt), head_from_spec(ckpt["head"]))
     pre = Preprocessing.from_dict(ckpt["preprocessing"])

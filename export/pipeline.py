@@ -18,7 +18,7 @@ Steps (each printed on stderr with its time):
 5. Calibration images (``--calibration`` or scikit-image photos), parity images (other real crops),
    FP16 guard when an FP16 artifact is requested.
 6. Per format × precision: build, then verify — run at batch 1 and batch 4 against PyTorch
-   (``export.parity``), or check the Core ML spec on Linux. On Linux with two or more cores the
+   (``qbheat_contract.parity``), or check the Core ML spec on Linux. On Linux with two or more cores the
    Core ML builds run in a forked worker beside the other formats (``export.worker``; ``--serial``
    turns this off); they are verified in the parent like the rest. Outside tolerance → stop, delete
    everything, raise ``ParityError`` — unless ``allow_mismatch``, then the card records it.
@@ -53,6 +53,11 @@ from qbheat.errors import QBHeatError
 from qbheat.heads import build_head, head_from_spec
 
 CHECKPOINT_HEAD = {"probe": "classifier", "detector": "detector", "pretrain": "features"}
+# The steps before the per-artifact ones; the plan (format × precision), the accuracy gate and TensorRT's
+# parser check follow, and their count is the "/N" of every step line.
+SETUP_STEPS = ("load model and head", "torch.export (example batch 2, symbolic batch)",
+               "calibration + parity images, PyTorch reference outputs", "FP16 guard")
+TENSORRT_CHECK_STEP = "tensorrt: ONNX parser operator check"
 PARITY_BATCHES = (1, 4)
 
 
@@ -74,10 +79,11 @@ class BuildError(QBHeatError):
 
 
 class Steps:
-    """Step lines on stderr: ``[export] 3/11 onnx fp32 … done in 4.2 s``."""
+    """Step lines on stderr: ``[export] 3/11 onnx fp32 … done in 4.2 s``; the total is the planned steps' count."""
 
-    def __init__(self, total: int, quiet: bool = False):
-        self.total, self.i, self.quiet, self.t = total, 0, quiet, time.perf_counter()
+    def __init__(self, planned: list[str], quiet: bool = False):
+        self.planned = planned
+        self.total, self.i, self.quiet, self.t = len(planned), 0, quiet, time.perf_counter()
         self.timings: dict[str, float] = {}
 
     def start(self, what: str) -> None:
@@ -262,9 +268,11 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     torch.manual_seed(0)
     plan = _artifact_plan(formats, recipe.precisions, "tensorrt" in formats)
     trt_check_needed = any(n["format"] == "tensorrt" for n in not_built)
-    steps = Steps(4 + len(plan) + int(trt_check_needed) + int(bool(recipe.eval_data)), quiet)
+    steps = Steps([*SETUP_STEPS, *(f"{fmt} {precision}" for fmt, precision in plan),
+                   *([f"accuracy on {recipe.eval_data}"] if recipe.eval_data else []),
+                   *([TENSORRT_CHECK_STEP] if trt_check_needed else [])], quiet)
 
-    steps.start("load model and head")
+    steps.start(SETUP_STEPS[0])
     src = load_source(recipe)
     pre: Preprocessing = src["pre"]
     size = pre.height
@@ -275,17 +283,17 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     params, macs = count_macs(reference, size)
     steps.done(f"{src['name']} + {src['task']} ({src['variant']}), {params / 1e6:.2f} M params, {macs / 1e6:.1f} M MACs at {size}")
 
-    steps.start("torch.export (example batch 2, symbolic batch)")
+    steps.start(SETUP_STEPS[1])
     program, example = export_program(deploy, size, recipe.max_batch)
     steps.done()
 
-    steps.start("calibration + parity images, PyTorch reference outputs")
+    steps.start(SETUP_STEPS[2])
     calib, check = calibration_and_parity(pre, recipe.calibration, recipe.calibration_count, max(PARITY_BATCHES))
     with torch.no_grad():
         ref = {b: [o.numpy() for o in reference(torch.from_numpy(check.inputs[:b]))] for b in PARITY_BATCHES}
     steps.done(f"{len(calib.names)} calibration images from {calib.source}")
 
-    steps.start("FP16 guard")
+    steps.start(SETUP_STEPS[3])
     guard = None
     if "fp16" in recipe.precisions or ("coreml" in formats and "int8" in recipe.precisions):
         from export import fp16_guard
@@ -325,7 +333,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         steps.done(_accuracy_gate(ctx, artifacts, not_built))
 
     if trt_check_needed:
-        steps.start("tensorrt: ONNX parser operator check")
+        steps.start(TENSORRT_CHECK_STEP)
         from export import tensorrt_format
 
         report = tensorrt_format.check_onnx(ctx.onnx_fp32())

@@ -39,7 +39,7 @@ def section_types() -> dict[str, type]:
     from qbheat.regularizers import REGULARIZERS
 
     return {**{name: cls.Config for name, cls in METHODS.items()}, "hssl": HSSLConfig,
-            **{name: factory.Config for name, factory in REGULARIZERS.items() if factory.Config is not None}}
+            **{name: factory.Config for name, factory in REGULARIZERS.items() if getattr(factory, "Config", None) is not None}}
 
 
 def _section(name: str):

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup test quickstart
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh scripts/torchvision_hook.py
 	bash scripts/setup.sh
 
 test: setup

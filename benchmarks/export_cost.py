@@ -35,7 +35,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from export.worker import WORKER_NAME  # noqa: E402  (the kernel name of the Core ML builder the export forks)
 from deploy_targets.fingerprint import cpu_model  # noqa: E402
 TARGET_S, TARGET_GB = 90.0, 3.0

@@ -49,26 +49,13 @@ from deploy_targets import fingerprint
 from deploy_targets.flops import count_onnx
 from deploy_targets.protocol import ProtocolConfig, round_ratios, summarize, target_verdict, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
-from export.parity import agreement
+from qbheat_contract.parity import agreement
 from export.quantize import INT8_SCOPES
+from common import INPUT_NAME, export_onnx, images  # benchmarks/common.py
 from lean_graph import openvino_by_type  # benchmarks/lean_graph.py: OpenVINO PERF_COUNT time by node type
-from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 TARGETS = {"mf_over_mnv3_ort": 2.2, "mf_over_mnv3_ov_f32": 1.8, "best_exported_speedup_vs_eager": 4.0, "ov_int8_speedup_vs_f32": 1.4}
-
-
-def images(n: int, size: int) -> np.ndarray:
-    x = sample_images(n, size=size, seed=0).astype(np.float32) / 255.0
-    return np.ascontiguousarray(((x - MEAN) / STD).transpose(0, 3, 1, 2))
-
-
-def export_onnx(model: torch.nn.Module, size: int, path: Path) -> Path:
-    x = torch.randn(2, 3, size, size)  # a batch-1 example can silently fix the batch (env_feasibility §2)
-    torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["logits"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False, optimize=True)
-    return path
 
 
 CONVOLUTIONS = ("Convolution", "GroupConvolution")  # OpenVINO CPU node types that NNCF's 'convs' scope quantises
@@ -145,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         configs[f"{name} | eager"] = eager
         for variant, model in (("plain", plain), ("lean", lean)):
             t0 = time.perf_counter()
-            path = export_onnx(model, args.size, work / f"{name}_{variant}.onnx")
+            path = export_onnx(model, args.size, work / f"{name}_{variant}.onnx", "logits")
             print(f"exported {path.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             count = count_onnx(path)
             graphs[f"{name} {variant}"] = {k: count[k] for k in ("nodes", "macs", "flops", "params", "size_bytes")}
@@ -155,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(("openvino", "OV f32 dynamic-batch", {"static_shapes": False}))
             for runtime, label, options in runs:
                 r = get_runner(runtime, threads=args.threads, precision="fp32", **options).load(path, batch=1)
-                out = np.concatenate([next(iter(r.run({"x": check[i:i + 1]}).values())) for i in range(len(check))])
+                out = np.concatenate([next(iter(r.run({INPUT_NAME: check[i:i + 1]}).values())) for i in range(len(check))])
                 parities[f"{name} {variant} {label} vs PyTorch"] = agreement(ref, out)
-                configs[f"{name} | {label} {variant}"] = (lambda r=r: r.run({"x": x1}))
+                configs[f"{name} | {label} {variant}"] = (lambda r=r: r.run({INPUT_NAME: x1}))
                 closers.append(r)
         if name == mf:
             import openvino as ov
@@ -165,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             from export.openvino_format import from_onnx, quantize_int8
 
             t0 = time.perf_counter()
-            ov_model = from_onnx(work / f"{name}_lean.onnx", "x", ("logits",), {})  # as the export converts it
+            ov_model = from_onnx(work / f"{name}_lean.onnx", INPUT_NAME, ("logits",), {})  # as the export converts it
             # The export's own INT8 step (export.quantize.INT8_SCOPES; 'convs' is its default): NNCF's
             # default scope also quantises the ~100 token MatMuls and the attention, which on this AVX2
             # CPU ran slower than f32 (0.71×) and, with O(1) activations, broke parity (lean_graph.md).
@@ -173,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             ov.save_model(q, str(work / f"{name}_int8.xml"), compress_to_fp16=False)
             print(f"NNCF INT8 in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             r = get_runner("openvino", threads=args.threads, precision="int8").load(work / f"{name}_int8.xml", batch=1)
-            out = np.concatenate([next(iter(r.run({"x": check[i:i + 1]}).values())) for i in range(len(check))])
+            out = np.concatenate([next(iter(r.run({INPUT_NAME: check[i:i + 1]}).values())) for i in range(len(check))])
             parities[f"{name} OV INT8 vs PyTorch"] = agreement(ref, out)
-            configs[f"{name} | OV INT8 lean"] = (lambda r=r: r.run({"x": x1}))
+            configs[f"{name} | OV INT8 lean"] = (lambda r=r: r.run({INPUT_NAME: x1}))
 
     cfg = ProtocolConfig(warmup_runs=5, warmup_seconds=0.3, min_runs=args.min_runs, min_seconds=args.min_seconds)
     for fn in configs.values():

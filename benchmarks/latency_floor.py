@@ -38,9 +38,9 @@ import export  # noqa: F401  (OpenVINO telemetry off before openvino is imported
 from deploy_targets import fingerprint
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
 from deploy_targets.runners import get_runner
-from lean_graph import export_onnx, images, onnx_nodes, realistic  # benchmarks/lean_graph.py
+from common import INPUT_NAME, export_onnx, images, onnx_nodes, realistic  # benchmarks/common.py
 from qbheat.models import create_model
-from qbheat.models.mobileformer import LeanMobile
+from qbheat.models.mobileformer_lean import LeanMobile
 
 
 class TokensPassThrough(nn.Module):
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             nodes[label] = onnx_nodes(path)
             for runtime in ("onnxruntime", "openvino"):
                 runner = get_runner(runtime, threads=args.threads, precision="fp32").load(path, batch=1)
-                configs[(label, runtime)] = (lambda r=runner: r.run({"x": x}))
+                configs[(label, runtime)] = (lambda r=runner: r.run({INPUT_NAME: x}))
             print(f"exported {label}: {nodes[label]} ONNX nodes", file=sys.stderr)
         # The protocol's warmup and turns, by count only (no time minimum): args.runs per round.
         cfg = ProtocolConfig(warmup_runs=args.warmup, warmup_seconds=0.0, min_runs=args.runs, min_seconds=0.0)

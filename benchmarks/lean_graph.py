@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -68,12 +67,12 @@ import torch.nn as nn
 from timm.utils.model import reparameterize_model
 
 import export  # noqa: F401  (switches OpenVINO/NNCF telemetry off before openvino / nncf are imported)
-from export.parity import agreement
+from qbheat_contract.parity import agreement
 from export.quantize import INT8_SCOPES as EXPORT_INT8_SCOPES
 from deploy_targets.protocol import ProtocolConfig, timed_interleaved, warmup
+from common import OpenVinoRunner, OrtRunner, atomic_write, export_onnx, images, onnx_nodes, realistic  # benchmarks/common.py
 from deploy_targets.runners import get_runner
 from deploy_targets.fingerprint import cpu_model
-from qbheat.data.samples import sample_images
 from qbheat.models import create_model
 from qbheat.models.mobileformer import (
     Former,
@@ -86,7 +85,6 @@ from qbheat.models.mobileformer import (
     fuse_modules,
 )
 
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 INT8_TARGET = 1.4  # OpenVINO INT8 ≥ 1.4× OpenVINO f32 for mobileformer_294m (issue 6)
 TARGETS = {"onnxruntime": 2.2, "onnxruntime_nospin": 2.2, "openvino_f32": 1.8}
 RUNTIMES = ("onnxruntime", "onnxruntime_nospin", "openvino_f32")
@@ -99,86 +97,6 @@ STAGES = [
     ("+ former (scale folded)", (Former,)),
     ("+ head (BN fold) = fuse()", (MergeClassifier,)),
 ]
-
-
-def images(n: int, size: int) -> np.ndarray:
-    x = sample_images(n, size=size, seed=0).astype(np.float32) / 255.0
-    return np.ascontiguousarray(((x - MEAN) / STD).transpose(0, 3, 1, 2))
-
-
-def realistic(model: nn.Module, seed: int = 0) -> nn.Module:
-    """PyTorch-default Linear init and random BN statistics, so activations are O(1) (the official
-    Mobile-Former init, Linear N(0, 0.01), gives outputs near 1e-3 and would make parity vacuous)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        with torch.no_grad():
-            if isinstance(m, nn.Linear):
-                bound = 1 / math.sqrt(m.in_features)
-                m.weight.uniform_(-bound * math.sqrt(3), bound * math.sqrt(3), generator=g)
-                m.bias.uniform_(-bound, bound, generator=g)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                m.running_mean.uniform_(-0.1, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.1, 0.1, generator=g)
-    return model.eval()
-
-
-def export_onnx(model: nn.Module, size: int, path: Path) -> Path:
-    x = torch.randn(2, 3, size, size)  # a batch-1 example can silently fix the batch (env_feasibility §2)
-    torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False, optimize=True)
-    return path
-
-
-def onnx_nodes(path: Path) -> int:
-    import onnx
-
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def ort_options(threads: int, spinning: bool, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.log_severity_level = 3
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return so
-
-
-class OrtRunner:
-    def __init__(self, path: Path, threads: int, spinning: bool = True, profile_prefix: str | None = None):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), ort_options(threads, spinning, profile_prefix),
-                                            providers=["CPUExecutionProvider"])
-        self.name = self.session.get_inputs()[0].name
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.name: x})[0]
-
-
-class OpenVinoRunner:
-    """``deploy_targets``' OpenVINO runner (f32 hint, LATENCY, one stream, ``threads`` threads;
-    compiled for batch 1, other shapes on first use), called with an array. The file is read as it
-    is: an ONNX graph directly, with no fp16 weight compression on the way."""
-
-    def __init__(self, path: Path, threads: int, perf_count: bool = False):
-        self.runner = get_runner("openvino", threads=threads, precision="fp32", perf_count=perf_count).load(path, batch=1)
-        self.name = self.runner.inputs()[0]["name"]
-
-    @property
-    def compiled(self):
-        return self.runner.compiled
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return next(iter(self.runner.run({self.name: x}).values()))
 
 
 def openvino_by_type(path: Path, x: np.ndarray, threads: int, warmup_runs: int = 5, runs: int = 20) -> dict:
@@ -234,7 +152,7 @@ INT8_SCOPES = {  # what NNCF quantises (OpenVINO post-training quantisation, nat
 }
 
 
-def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "OpenVinoRunner":
+def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "ArrayRunner":
     import logging
 
     import nncf
@@ -390,9 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "lean_graph.json", json.dumps(record, indent=2) + "\n")
+    atomic_write(out / "lean_graph.json", json.dumps(record, indent=2) + "\n")
     md = markdown(record)
-    _atomic_write(out / "lean_graph.md", md)
+    atomic_write(out / "lean_graph.md", md)
     print(md)
     return 0
 
@@ -477,12 +395,6 @@ def _copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import qbheat  # noqa: E402,F401  (torchvision shim before timm)
 from deploy_targets.fingerprint import cpu_model  # noqa: E402

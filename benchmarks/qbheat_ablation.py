@@ -85,13 +85,13 @@ def validation_split(fit_size: int, val_size: int) -> tuple[torch.Tensor, torch.
 
 def probe(backbone: torch.nn.Module, image_size: int, fit_size: int, val_size: int, seed: int) -> dict[str, float]:
     from qbheat.data import fashion_mnist
-    from qbheat.evaluation.features import Preprocessing, extract_features, recalibrate_untracked_batchnorm
+    from qbheat.evaluation.features import ProbePreprocessing, extract_features, recalibrate_untracked_batchnorm
     from qbheat.evaluation.knn import run_knn
     from qbheat.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
 
     images, labels = fashion_mnist.load("train")
     fit, val = validation_split(fit_size, val_size)
-    pre = Preprocessing(input_size=(3, image_size, image_size))
+    pre = ProbePreprocessing(input_size=(3, image_size, image_size))
     out = {}
     for tag in ("trained", "bn_probe_res"):
         if tag == "bn_probe_res":

@@ -51,7 +51,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import qbheat  # noqa: E402,F401  (torchvision shim before timm)
 from deploy_targets.fingerprint import cpu_model
@@ -335,20 +334,20 @@ class Data:
 
 def evaluate_backbone(backbone: torch.nn.Module, data: Data, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from qbheat.evaluation.detection import DetectionConfig, run_detection
-    from qbheat.evaluation.features import Preprocessing, extract_features
+    from qbheat.evaluation.features import ProbePreprocessing, extract_features
     from qbheat.evaluation.knn import run_knn
     from qbheat.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
     from qbheat.evaluation.nonlinear_probe import NonlinearProbeConfig, run_nonlinear_probe
 
     progress = not args.no_progress
     t = time.perf_counter()
-    pre = Preprocessing(input_size=(3, args.image_size, args.image_size))
+    pre = ProbePreprocessing(input_size=(3, args.image_size, args.image_size))
     train = extract_features(backbone, data.x_tr, pre, data.y_tr, spatial=True, progress=progress, desc="train features")
     test = extract_features(backbone, data.x_te, pre, data.y_te, spatial=True, progress=progress, desc="test features")
     knn = run_knn(train, test, num_classes=10)
     lin = run_linear_probe(train, test, LinearProbeConfig(seed=seed), 10)
     nl = run_nonlinear_probe(train, test, NonlinearProbeConfig(seed=seed, epochs=args.nl_epochs, lrs=tuple(args.nl_lrs)), 10)
-    det_pre = Preprocessing(input_size=(3, args.det_size, args.det_size))
+    det_pre = ProbePreprocessing(input_size=(3, args.det_size, args.det_size))
     det = run_detection(backbone, data.det["train"], data.det["val"], data.det["test"], det_pre,
                         DetectionConfig(seed=seed, epochs=args.det_epochs, lrs=tuple(args.det_lrs)), progress)
     return {

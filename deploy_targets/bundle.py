@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import QBHeatError
-from .fingerprint import companion_files, sha256_path, size_bytes
-from .harness import TOLERANCES
-from .preprocess import normalize
+import qbheat_contract
+from qbheat_contract.errors import QBHeatError
+from qbheat_contract.hashing import artifact_sha256, artifact_size, companion_files
+from qbheat_contract.parity import tolerance as parity_tolerance
+from qbheat_contract.preprocessing import Preprocessing
+
 from .profiles import Profile
 from .protocol import ProtocolConfig
 from .runners import FORMAT_RUNTIMES, available, get_runner
@@ -35,8 +37,10 @@ from .transport import parse_reach, remote_run_plan
 
 PACKAGE = Path(__file__).parent
 TEMPLATES = PACKAGE / "templates"
-# The device-side modules copied into a bundle (they import only numpy, the runtime, and each other).
-DEVICE_MODULES = ("_errors.py", "memory.py", "protocol.py", "fingerprint.py", "preprocess.py", "results.py", "harness.py")
+# The device-side modules copied into a bundle (they import only numpy, the runtime, qbheat_contract
+# and each other); qbheat_contract is copied whole, next to run_bundle.py.
+DEVICE_MODULES = ("memory.py", "protocol.py", "fingerprint.py", "postprocess.py", "results.py", "harness.py")
+CONTRACT = Path(qbheat_contract.__file__).parent
 N_GOLDEN = 4
 
 
@@ -111,6 +115,7 @@ def _copy_device_code(out: Path, runtime: str) -> None:
     shutil.copy2(PACKAGE / "runners" / "__init__.py", pkg / "runners" / "__init__.py")
     from .runners import RUNNERS
     shutil.copy2(PACKAGE / "runners" / f"{RUNNERS[runtime][0]}.py", pkg / "runners" / f"{RUNNERS[runtime][0]}.py")
+    shutil.copytree(CONTRACT, out / "qbheat_contract", ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _install_hint(runtime: str) -> str:
@@ -143,7 +148,7 @@ def write_bundle(card: dict[str, Any], export_folder: str | Path, profile: Profi
         # The artifacts were exported and verified at the card's resolution; the bundle runs them there.
         profile = dataclasses.replace(profile, input_size=(h, w))
         images, jpeg = _golden_images(N_GOLDEN, h, w)
-        inputs = {card["io"]["inputs"][0]["name"]: normalize(images, prep)}
+        inputs = {card["io"]["inputs"][0]["name"]: Preprocessing.from_dict(prep).normalize(images)}
         expected, how = _reference_outputs(card, export_folder, chosen, profile, inputs)
         arrays = {f"input:{k}": v for k, v in inputs.items()}
         arrays.update({f"output:{k}": v for k, v in expected.items()})
@@ -155,12 +160,13 @@ def write_bundle(card: dict[str, Any], export_folder: str | Path, profile: Profi
             src = export_folder / a["path"]
             if not src.exists():
                 raise QBHeatError(f"the model card lists {a['path']} but it is not in {export_folder}.")
-            dst = tmp / "artifacts" / Path(a["path"]).name
+            dst = tmp / "artifacts" / a["path"]  # the card's own layout: precisions share file names
             _copy_artifact(src, dst)
             entries.append({"path": str(dst.relative_to(tmp)), "format": a["format"], "precision": a["precision"],
-                            "sha256": sha256_path(dst), "size_bytes": size_bytes(dst), "parity": a.get("parity")})
+                            "sha256": artifact_sha256(dst), "size_bytes": artifact_size(dst), "parity": a.get("parity")})
         shutil.copy2(export_folder / "model_card.json", tmp / "model_card.json")
-        tolerance = TOLERANCES[entries[0]["precision"]] if len({e["precision"] for e in entries}) == 1 else None
+        kinds = {(e["format"], e["precision"]) for e in entries}
+        tolerance = dataclasses.asdict(parity_tolerance(*kinds.pop())) if len(kinds) == 1 else None
         bundle = {
             "schema": "qbheat.bundle/1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "profile": profile.to_dict(), "protocol": protocol.to_dict(), "artifacts": entries,
@@ -179,7 +185,7 @@ def write_bundle(card: dict[str, Any], export_folder: str | Path, profile: Profi
             "hardware": profile.hardware, "precision": profile.precision, "reach": profile.reach,
             "artifact_list": ", ".join(f"`{e['path']}` ({e['format']}/{e['precision']}, {e['size_bytes'] / 1e6:.2f} MB)" for e in entries),
             "n_golden": N_GOLDEN, "height": h, "width": w, "golden_reference": how,
-            "tolerance": json.dumps(tolerance) if tolerance else "per artifact precision (see run_bundle / qbheat_bench/harness.py)",
+            "tolerance": json.dumps(tolerance) if tolerance else "per artifact format and precision (qbheat_contract/parity.py, the export's own table)",
             "install_hint": _install_hint(profile.runtime),
             "protocol": f"warmup ≥ {protocol.warmup_runs} runs and ≥ {protocol.warmup_seconds} s; timed ≥ {protocol.min_runs} runs and ≥ {protocol.min_seconds} s",
             "threads": list(profile.threads), "batch": list(profile.batch),

@@ -2,12 +2,12 @@
 
 CPU model (``/proc/cpuinfo`` on Linux, ``sysctl`` on macOS), logical cores and the cores this process
 may run on, the CPU's vector and INT8 instruction sets (they decide what INT8 gains), OS and kernel, the
-runtime and its version, device, precision, threads, the artifact's SHA-256, and — where the OS
+runtime and its version, device, precision, threads, the artifact's SHA-256
+(``qbheat_contract.hashing``), and — where the OS
 exposes them — the CPU frequency governor and a thermal-zone temperature. Standard library only.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import subprocess
@@ -77,41 +77,6 @@ def _read(path: str) -> str | None:
         return Path(path).read_text().strip()
     except OSError:
         return None
-
-
-def companion_files(path: str | Path) -> list[Path]:
-    """Files that belong to an artifact: an OpenVINO ``.xml``'s ``.bin``; an ONNX file's external
-    weights ``<name>.onnx.data`` (torch.onnx's naming)."""
-    path = Path(path)
-    extra = []
-    if path.suffix == ".xml" and path.with_suffix(".bin").exists():
-        extra.append(path.with_suffix(".bin"))
-    if path.suffix == ".onnx" and path.with_name(path.name + ".data").exists():
-        extra.append(path.with_name(path.name + ".data"))
-    return extra
-
-
-def sha256_path(path: str | Path) -> str:
-    """SHA-256 of a file together with its companion files (see ``companion_files``); of a folder
-    (``.mlpackage``) over its relative file names and contents in sorted order."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path, *companion_files(path)]
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def size_bytes(path: str | Path) -> int:
-    """Bytes on disk of an artifact with its companion files, or of a folder."""
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return sum(p.stat().st_size for p in [path, *companion_files(path)])
 
 
 def host() -> dict[str, Any]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import QBHeatError
-from .fingerprint import size_bytes
+from qbheat_contract.errors import QBHeatError
+from qbheat_contract.hashing import artifact_size
 
 MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16: weights, not shape constants
@@ -147,17 +147,6 @@ def count_onnx(path: str | Path, batch: int = 1) -> dict[str, Any]:
         "nodes_by_op": dict(nodes.most_common()),
         "macs": total, "flops": 2 * total, "macs_by_op": dict(macs.most_common()),
         "params": int(sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type in _FLOAT_TYPES)),
-        "uncounted_nodes": unknown, "size_bytes": size_bytes(path), "shapes_from": shape_source,
+        "uncounted_nodes": unknown, "size_bytes": artifact_size(path), "shapes_from": shape_source,
         "convention": "MACs of Conv/ConvTranspose/MatMul/Gemm from ONNX shape inference; FLOPs = 2 x MACs; bias and element-wise ops not counted",
     }
-
-
-def artifact_sizes(card: dict[str, Any], folder: str | Path) -> list[dict[str, Any]]:
-    """Bytes on disk of every artifact a model card lists (files, .xml + .bin pairs, .mlpackage folders)."""
-    folder = Path(folder)
-    out = []
-    for a in card["artifacts"]:
-        p = folder / a["path"]
-        out.append({"format": a["format"], "precision": a["precision"], "path": a["path"],
-                    "size_bytes": size_bytes(p) if p.exists() else None})
-    return out

@@ -13,19 +13,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qbheat_contract.errors import QBHeatError
+from qbheat_contract.hashing import artifact_sha256, artifact_size
+from qbheat_contract.parity import check_outputs
+from qbheat_contract.preprocessing import Preprocessing
+
 from . import fingerprint as fp
-from . import preprocess as pp
-from ._errors import QBHeatError
+from . import postprocess
 from .protocol import ProtocolConfig, expand_options, measure, sweep
 from .runners import get_runner
-
-# Golden-output tolerances by artifact precision (ours): fp32 must match to float rounding, fp16
-# and INT8 to the cosine levels their parity checks accept; top-1 must agree for fp32/fp16.
-TOLERANCES = {
-    "fp32": {"max_abs_rel": 1e-3, "cosine": 0.9999, "top1_agreement": 1.0},
-    "fp16": {"max_abs_rel": None, "cosine": 0.999, "top1_agreement": 1.0},
-    "int8": {"max_abs_rel": None, "cosine": 0.98, "top1_agreement": None},
-}
 
 
 def _concrete(shape: list[Any], batch: int, input_size: tuple[int, int]) -> tuple[int, ...]:
@@ -61,32 +57,12 @@ def model_inputs(runner, batch: int, input_size: tuple[int, int], seed: int = 0,
 
 
 def compare_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], precision: str,
-                    tolerance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Golden-output check: matched by name where the names agree, else by position."""
-    tol = dict(TOLERANCES.get(precision, TOLERANCES["fp32"]), **(tolerance or {}))
-    got_items = [got[k] for k in expected] if set(expected) <= set(got) else list(got.values())
-    per_output, passed = [], True
-    for (name, ref), out in zip(expected.items(), got_items):
-        ref64, out64 = ref.astype(np.float64), np.asarray(out, np.float64).reshape(ref.shape)
-        diff = np.abs(ref64 - out64)
-        a, b = ref64.reshape(ref.shape[0], -1), out64.reshape(ref.shape[0], -1)
-        cos = float(np.min((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
-        top1 = float(np.mean(a.argmax(1) == b.argmax(1)))
-        scale = max(1.0, float(np.abs(ref64).max()))
-        ok = cos >= tol["cosine"]
-        if tol.get("max_abs_rel") is not None:
-            ok = ok and float(diff.max()) <= tol["max_abs_rel"] * scale
-        if tol.get("top1_agreement") is not None and a.shape[1] > 1:
-            ok = ok and top1 >= tol["top1_agreement"]
-        passed = passed and ok
-        per_output.append({"name": name, "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
-                           "cosine": cos, "top1_agreement": top1, "passed": ok})
-    worst = min(per_output, key=lambda o: o["cosine"])
-    return {"passed": passed, "max_abs": max(o["max_abs"] for o in per_output), "mean_abs": worst["mean_abs"],
-            "cosine": worst["cosine"], "top1_agreement": worst["top1_agreement"], "tolerance": tol, "outputs": per_output}
+                    tolerance: dict[str, Any] | None = None, fmt: str | None = None) -> dict[str, Any]:
+    """Golden-output check against the export's own tolerance table (``qbheat_contract.parity``)."""
+    return check_outputs(got, expected, precision, fmt, tolerance)
 
 
-def check_golden(runner, golden: dict[str, Any], precision: str) -> dict[str, Any]:
+def check_golden(runner, golden: dict[str, Any], precision: str, fmt: str | None = None) -> dict[str, Any]:
     """Run the golden inputs one image at a time (fits static-batch models and image inputs) and compare."""
     feeds = golden["inputs"]
     if runner.takes_images:
@@ -96,7 +72,7 @@ def check_golden(runner, golden: dict[str, Any], precision: str) -> dict[str, An
     n = next(iter(feeds.values())).shape[0]
     parts = [runner.run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
     got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return compare_outputs(got, golden["outputs"], precision, golden.get("tolerance"))
+    return compare_outputs(got, golden["outputs"], precision, golden.get("tolerance"), fmt)
 
 
 def bench_artifact(artifact: dict[str, Any], runtime: str, cfg: ProtocolConfig, *, threads: list[int], batches: list[int],
@@ -112,16 +88,16 @@ def bench_artifact(artifact: dict[str, Any], runtime: str, cfg: ProtocolConfig, 
     "tolerance": {...} or None}: checked once per configuration, before timing.
     """
     card = card or {}
-    prep = card.get("preprocessing") or dict(pp.IMAGENET, input_size=[3, *input_size])
+    prep = Preprocessing.from_dict(card["preprocessing"]) if card.get("preprocessing") else Preprocessing((3, *input_size))
     # The artifact was exported (and verified) at the card's resolution: feed that, not the profile's default.
-    input_size = tuple(prep["input_size"][-2:])
+    input_size = (prep.height, prep.width)
     head = card.get("head") or {}
     model = card.get("model") or {}
     host_info = host_info or fp.host()
     path = Path(artifact["abs_path"])
-    sha = artifact.get("sha256") or fp.sha256_path(path)
+    sha = artifact.get("sha256") or artifact_sha256(path)
     art = {"path": artifact.get("path", path.name), "format": artifact.get("format"), "precision": artifact.get("precision", "fp32"),
-           "sha256": sha, "size_bytes": artifact.get("size_bytes") or fp.size_bytes(path)}
+           "sha256": sha, "size_bytes": artifact.get("size_bytes") or artifact_size(path)}
     rows = []
     for conf in sweep(threads, batches, expand_options(options)):
         row: dict[str, Any] = {"target": target, "hardware": hardware, "model": model.get("name"), "head": head.get("type"),
@@ -135,18 +111,18 @@ def bench_artifact(artifact: dict[str, Any], runtime: str, cfg: ProtocolConfig, 
 
         def load() -> None:
             runner.load(path, batch=conf["batch"])
-            state["crop"] = pp.decode_and_crop(image_bytes, prep) if image_bytes is not None else None
+            state["crop"] = prep.decode_and_crop(image_bytes) if image_bytes is not None else None
             state["inputs"] = model_inputs(runner, conf["batch"], input_size, image=state["crop"])
 
         def run() -> None:
             runner.run(state["inputs"])
 
         def end_to_end() -> None:
-            crop = pp.decode_and_crop(image_bytes, prep)
+            crop = prep.decode_and_crop(image_bytes)
             batch = np.repeat(crop[None], conf["batch"], 0)
-            x = batch if runner.takes_images else pp.normalize(batch, prep)
+            x = batch if runner.takes_images else prep.normalize(batch)
             outs = runner.run({next(iter(state["inputs"])): x})
-            pp.postprocess(outs, head.get("type", "classifier"), head.get("labels"))
+            postprocess.postprocess(outs, head.get("type", "classifier"), head.get("labels"))
 
         try:
             result = measure(load, run, cfg, end_to_end if image_bytes is not None else None, clock, progress)
@@ -161,7 +137,7 @@ def bench_artifact(artifact: dict[str, Any], runtime: str, cfg: ProtocolConfig, 
         row["input_shapes"] = {k: list(v.shape) for k, v in state["inputs"].items()}
         row.update(result)
         if golden is not None:
-            row["golden"] = check_golden(runner, golden, art["precision"])
+            row["golden"] = check_golden(runner, golden, art["precision"], art["format"])
         row["fingerprint"] = fp.fingerprint(runner.describe(), sha, host_info)
         runner.close()
         rows.append(row)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 RUNTIMES = ("onnxruntime", "openvino", "tensorrt", "coreml", "executorch", "litert")

@@ -33,7 +33,7 @@ from typing import Any, Callable, Hashable
 
 import numpy as np
 
-from ._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from .memory import PeakRss
 
 

@@ -121,7 +121,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def best_for(paths: list[str], target: str, max_drop: float | None) -> dict[str, Any]:
     """The recommended configuration for ``target``: from a report.json's recommendations, or computed
     from bench results with ``max_drop``."""
-    from ._errors import QBHeatError
+    from qbheat_contract.errors import QBHeatError
     from .report import merge
     from .results import read_document
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fingerprint as fp
-from ._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from .results import SCHEMA, options_label, read_document, row_label, validate_document, write_text_atomic
 
 MIN_THRESHOLD = 0.05

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 
 SCHEMA = "qbheat.bench_report/1"
 

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 
 TEMPLATES = Path(__file__).with_name("templates")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9._-]{0,31}$")

@@ -1,79 +1,25 @@
 """Calibration and parity images, preprocessed exactly as the model card says.
 
-``Preprocessing`` is the card's ``preprocessing`` block as a dataclass: resize the short side to
-``input_size / crop_pct``, centre-crop ``input_size``, scale to [0, 1], subtract ``mean``, divide by
-``std`` (timm's eval transform). Images come from a folder (``--calibration DIR``) or, by default,
+``Preprocessing`` (``qbheat_contract.preprocessing``) is the card's ``preprocessing`` block: resize the
+short side to ``input_size / crop_pct``, centre-crop ``input_size``, scale to [0, 1], subtract ``mean``,
+divide by ``std`` (timm's eval transform). Images come from a folder (``--calibration DIR``) or, by default,
 from the photographs bundled with scikit-image (``qbheat.data.samples``): real images, no download.
 """
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qbheat.errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
+from qbheat_contract.preprocessing import Preprocessing
+
+__all__ = ["ImageSet", "Preprocessing", "calibration_and_parity", "load_images", "parity_images"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 DEFAULT_COUNT = 16  # NNCF's default subset is 300; 16 keeps a 2-core export under a minute (ours)
-
-
-@dataclass
-class Preprocessing:
-    """Defaults: timm's ImageNet eval transform (mean/std of ImageNet, bicubic, crop_pct 0.875)."""
-
-    input_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    extra: dict = field(default_factory=dict)
-
-    def card(self) -> dict:
-        """The model card's ``preprocessing`` block."""
-        return {"input_size": [3, self.input_size, self.input_size], "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "crop_pct": self.crop_pct, "color": "RGB",
-                "pixel_scale": 1 / 255, "layout": "NCHW"}
-
-    @classmethod
-    def from_dict(cls, d: dict, input_size: int | None = None) -> "Preprocessing":
-        size = input_size or d.get("input_size", 224)
-        if isinstance(size, (list, tuple)):
-            size = int(size[-1])
-        return cls(input_size=int(size), mean=tuple(float(v) for v in d.get("mean", cls.mean)),
-                   std=tuple(float(v) for v in d.get("std", cls.std)),
-                   interpolation=str(d.get("interpolation", "bicubic")), crop_pct=float(d.get("crop_pct", 0.875) or 1.0))
-
-    @classmethod
-    def from_timm(cls, model, input_size: int | None = None) -> "Preprocessing":
-        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-        return cls.from_dict({"input_size": cfg.get("input_size", (3, 224, 224)), "mean": cfg.get("mean", cls.mean),
-                              "std": cfg.get("std", cls.std), "interpolation": cfg.get("interpolation", "bicubic"),
-                              "crop_pct": cfg.get("crop_pct", 0.875)}, input_size)
-
-    def normalize(self, images_u8: np.ndarray) -> np.ndarray:
-        """N×H×W×3 uint8 → N×3×H×W float32, normalised."""
-        x = images_u8.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-        mean = np.asarray(self.mean, np.float32)[None, :, None, None]
-        std = np.asarray(self.std, np.float32)[None, :, None, None]
-        return np.ascontiguousarray((x - mean) / std)
-
-    def resize_crop(self, img) -> np.ndarray:
-        """PIL image → input_size × input_size × 3 uint8 (short side to size/crop_pct, centre crop)."""
-        from PIL import Image
-
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}.get(
-            self.interpolation, Image.BICUBIC)
-        img = img.convert("RGB")
-        w, h = img.size
-        short = int(math.floor(self.input_size / self.crop_pct))
-        scale = short / min(w, h)
-        img = img.resize((max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale))), resample)
-        w, h = img.size
-        left, top = (w - self.input_size) // 2, (h - self.input_size) // 2
-        return np.asarray(img.crop((left, top, left + self.input_size, top + self.input_size)), dtype=np.uint8)
 
 
 @dataclass
@@ -114,7 +60,7 @@ def load_images(pre: Preprocessing, folder: str | Path | None = None, count: int
     if folder is None:
         from qbheat.data.samples import NAMES, sample_images
 
-        u8 = sample_images(count, pre.input_size, seed=seed)
+        u8 = sample_images(count, pre.height, seed=seed)
         names = [NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else f"#crop{i}") for i in range(count)]
         return ImageSet("skimage.data", names, u8, pre.normalize(u8))
     folder = Path(folder)
@@ -145,7 +91,7 @@ def parity_images(pre: Preprocessing, batch: int = 4, folder: str | Path | None 
             return ImageSet(f"{folder} (held out from calibration)", names, u8, pre.normalize(u8))
     from qbheat.data.samples import NAMES, sample_images
 
-    u8 = sample_images(len(NAMES) + batch, pre.input_size, seed=1234)[-batch:]  # random crops, not the centre crops
+    u8 = sample_images(len(NAMES) + batch, pre.height, seed=1234)[-batch:]  # random crops, not the centre crops
     return ImageSet("skimage.data (random crops, seed 1234)", [f"crop{i}" for i in range(batch)], u8, pre.normalize(u8))
 
 

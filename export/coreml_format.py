@@ -63,7 +63,7 @@ def image_type(pre, input_name: str):
     import coremltools as ct
 
     s = sum(pre.std) / 3
-    return ct.ImageType(name=input_name, shape=(1, 3, pre.input_size, pre.input_size), scale=1.0 / (255.0 * s),
+    return ct.ImageType(name=input_name, shape=(1, 3, pre.height, pre.width), scale=1.0 / (255.0 * s),
                         bias=[-m / s for m in pre.mean], color_layout=ct.colorlayout.RGB)
 
 

@@ -3,7 +3,7 @@
 ``SOURCE`` is ``fashion-mnist`` (its 10,000 test images, from Debian's dataset-fashion-mnist) or an
 ImageFolder tree (``val/`` or ``test/`` of class sub-folders if it has one, else its own class
 sub-folders). Images are preprocessed as the model card says, with the probes' own transform
-(``qbheat.evaluation.features.Preprocessing``: short side to size / crop_pct, centre crop,
+(``qbheat.evaluation.features.ProbePreprocessing``: short side to size / crop_pct, centre crop,
 normalise), so the PyTorch number here is the probe's number.
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ class EvalSet:
 
     def batches(self, batch_size: int) -> Iterator[tuple[slice, np.ndarray]]:
         """(rows, N×3×H×W float32 normalised) in order."""
-        from qbheat.evaluation.features import Preprocessing, as_uint8_chw
+        from qbheat.evaluation.features import ProbePreprocessing, as_uint8_chw
 
-        pre = Preprocessing.from_dict(self.preprocessing)
+        pre = ProbePreprocessing.from_dict(self.preprocessing)
         if self.cropped:
             pre.crop_pct = 1.0  # the short side already has the input size: no resize, no crop
         for start in range(0, len(self), batch_size):
@@ -84,7 +84,7 @@ def load_eval_set(source: str, card: dict, limit: int | None = None) -> EvalSet:
 
 def _image_folder(source: str, card: dict) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     from qbheat.data.image_folder import ImageFolderImages
-    from qbheat.evaluation.features import Preprocessing
+    from qbheat.evaluation.features import ProbePreprocessing
 
     root = Path(source).expanduser()
     if not root.is_dir():
@@ -95,7 +95,7 @@ def _image_folder(source: str, card: dict) -> tuple[np.ndarray, np.ndarray, list
         raise QBHeatError(f"images in {folder} are not in class sub-folders, so they have no labels to measure accuracy with.")
     # Resize + centre-crop once to the model's size (uint8), so that images of any size stack; the
     # normalisation happens per batch (EvalSet.cropped).
-    pre = Preprocessing.from_dict(card["preprocessing"])
+    pre = ProbePreprocessing.from_dict(card["preprocessing"])
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
     out = np.empty((len(images), 3, *pre.input_size[1:]), np.uint8)
     for i in range(len(images)):

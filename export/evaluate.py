@@ -18,7 +18,7 @@ import torch
 
 from export import accuracy
 from export.eval_data import EvalSet
-from export.manifest import SCHEMA, artifact_path, write_model_card
+from qbheat_contract.card import SCHEMA, artifact_path, write_model_card
 from qbheat.errors import QBHeatError
 
 BATCH = 64  # images per run: large enough to amortise per-call overhead, small enough for any runtime's memory
@@ -30,8 +30,8 @@ def reference_model(card: dict, checkpoint: str | None = None) -> tuple[torch.nn
 
     from export.pipeline import load_source
     from export.recipe import ExportRecipe
-    from qbheat.checkpoint import sha256_file
-    from qbheat.heads import DeployableModel
+    from qbheat_contract.hashing import artifact_sha256
+    from export.deployable import DeployableModel
 
     source = card["model"]["source"]
     head = card["head"]
@@ -40,7 +40,7 @@ def reference_model(card: dict, checkpoint: str | None = None) -> tuple[torch.nn
         path = Path(checkpoint or source["path"])
         if not path.is_file():
             raise QBHeatError(f"the export's source checkpoint {path} is not here; pass --checkpoint FILE with the same file.")
-        if source.get("sha256") and sha256_file(path) != source["sha256"]:
+        if source.get("sha256") and artifact_sha256(path) != source["sha256"]:
             raise QBHeatError(f"checkpoint {path} is not the one this export was made from (SHA-256 differs from the card's).")
         recipe = ExportRecipe(checkpoint=str(path), **fields)
     else:  # a timm name: the export initialised it after torch.manual_seed(0), so the same seed rebuilds it
@@ -149,13 +149,13 @@ def record(folder: Path, card: dict, block: dict, results: dict[str, dict]) -> P
 
 def check_hashes(folder: Path, card: dict) -> None:
     """Fail before any work when an artifact file is not the one the card describes."""
-    from qbheat.checkpoint import sha256_file
+    from qbheat_contract.hashing import artifact_sha256
 
     for art in card["artifacts"]:
         path = artifact_path(folder, art)
         if not path.exists():
             raise QBHeatError(f"artifact {art['path']} listed in {folder}/model_card.json is missing; re-export.")
-        if path.is_file() and sha256_file(path) != art["sha256"]:
+        if path.is_file() and artifact_sha256(path) != art["sha256"]:
             raise QBHeatError(f"artifact {art['path']} does not match the SHA-256 in its model card; re-export, or restore the file.")
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.parity import error_stats
+from qbheat_contract.parity import error_stats
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -123,7 +123,7 @@ def first_divergence(artifact: str | os.PathLike, model: torch.nn.Module, x: np.
 
 def for_artifact(path: str | os.PathLike, art: dict, model: torch.nn.Module, x: np.ndarray) -> dict | None:
     """``first_divergence`` at the parity tolerance of the artifact's precision; None for non-ONNX artifacts."""
-    from export.parity import tolerance
+    from qbheat_contract.parity import tolerance
 
     if art["format"] != "onnx":
         return None

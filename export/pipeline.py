@@ -18,7 +18,7 @@ Steps (each printed on stderr with its time):
 5. Calibration images (``--calibration`` or scikit-image photos), parity images (other real crops),
    FP16 guard when an FP16 artifact is requested.
 6. Per format × precision: build, then verify — run at batch 1 and batch 4 against PyTorch
-   (``export.parity``), or check the Core ML spec on Linux. On Linux with two or more cores the
+   (``qbheat_contract.parity``), or check the Core ML spec on Linux. On Linux with two or more cores the
    Core ML builds run in a forked worker beside the other formats (``export.worker``; ``--serial``
    turns this off); they are verified in the parent like the rest. Outside tolerance → stop, delete
    everything, raise ``ParityError`` — unless ``allow_mismatch``, then the card records it.
@@ -41,16 +41,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from export import backends, parity
+from export import backends
+from qbheat_contract import parity
 from export.calibration import ImageSet, Preprocessing, calibration_and_parity
-from export.manifest import SCHEMA, write_model_card
-from export.recipe import HEAD_VARIANTS, NEW_HEAD_CLASSES, ExportRecipe
-from qbheat.checkpoint import build_backbone, load_checkpoint, sha256_file
+from export.deployable import DeployableModel, check_variant
+from qbheat_contract.card import SCHEMA, write_model_card
+from export.recipe import NEW_HEAD_CLASSES, ExportRecipe
+from qbheat.checkpoint import build_backbone, load_checkpoint
+from qbheat_contract.hashing import artifact_sha256, file_sha256
 from qbheat.errors import QBHeatError
-from qbheat.heads import DeployableModel, build_head, head_from_spec
+from qbheat.heads import build_head, head_from_spec
 
-INPUT_NAME = "image"
 CHECKPOINT_HEAD = {"probe": "classifier", "detector": "detector", "pretrain": "features"}
+# The steps before the per-artifact ones; the plan (format × precision), the accuracy gate and TensorRT's
+# parser check follow, and their count is the "/N" of every step line.
+SETUP_STEPS = ("load model and head", "torch.export (example batch 2, symbolic batch)",
+               "calibration + parity images, PyTorch reference outputs", "FP16 guard")
+TENSORRT_CHECK_STEP = "tensorrt: ONNX parser operator check"
 PARITY_BATCHES = (1, 4)
 
 
@@ -62,11 +69,21 @@ class AccuracyError(QBHeatError):
     """An artifact loses more task accuracy than ``--max-drop`` allows; nothing was written."""
 
 
-class Steps:
-    """Step lines on stderr: ``[export] 3/11 onnx fp32 … done in 4.2 s``."""
+class BuildError(QBHeatError):
+    """A format's converter failed unexpectedly: one sentence naming the format (``--debug`` shows the traceback)."""
 
-    def __init__(self, total: int, quiet: bool = False):
-        self.total, self.i, self.quiet, self.t = total, 0, quiet, time.perf_counter()
+    def __init__(self, fmt: str, precision: str, error: BaseException):
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        super().__init__(f"building the {fmt} {precision} artifact failed ({type(error).__name__}: {first}); nothing was "
+                         f"written. Rerun with --debug for the traceback, or leave {fmt} out of --formats.")
+
+
+class Steps:
+    """Step lines on stderr: ``[export] 3/11 onnx fp32 … done in 4.2 s``; the total is the planned steps' count."""
+
+    def __init__(self, planned: list[str], quiet: bool = False):
+        self.planned = planned
+        self.total, self.i, self.quiet, self.t = len(planned), 0, quiet, time.perf_counter()
         self.timings: dict[str, float] = {}
 
     def start(self, what: str) -> None:
@@ -101,7 +118,7 @@ def load_source(recipe: ExportRecipe) -> dict[str, Any]:
         kind = ckpt["kind"]
         head_task = recipe.head or CHECKPOINT_HEAD[kind]
         backbone = build_backbone(ckpt)
-        source = {"kind": "checkpoint", "path": str(Path(recipe.checkpoint).resolve()), "sha256": sha256_file(recipe.checkpoint),
+        source = {"kind": "checkpoint", "path": str(Path(recipe.checkpoint).resolve()), "sha256": file_sha256(recipe.checkpoint),
                   "checkpoint_kind": kind}
         name = ckpt["model"]["name"]
         pre = Preprocessing.from_dict(ckpt["preprocessing"], recipe.image_size) if ckpt.get("preprocessing") \
@@ -123,7 +140,7 @@ def load_source(recipe: ExportRecipe) -> dict[str, Any]:
         notes.append("backbone weights: random initialisation (timm name, no checkpoint; qbheat never downloads weights)")
     backbone.eval()
     if head_task == "features":
-        head = build_head("features", backbone, image_size=pre.input_size)
+        head = build_head("features", backbone, image_size=pre.height)
         labels = None
     elif trained is not None:
         head = trained
@@ -136,14 +153,12 @@ def load_source(recipe: ExportRecipe) -> dict[str, Any]:
     else:
         n = recipe.num_classes or NEW_HEAD_CLASSES[head_task]
         if head_task == "classifier":
-            head = build_head(recipe.head_type, backbone, image_size=pre.input_size, num_classes=n)
+            head = build_head(recipe.head_type, backbone, image_size=pre.height, num_classes=n)
         else:
-            head = build_head("detector", backbone, image_size=pre.input_size, num_classes=n)
+            head = build_head("detector", backbone, image_size=pre.height, num_classes=n)
         labels = [f"class_{i}" for i in range(n)]
         notes.append(f"head: new, untrained {head.head_type} ({n} classes); export a probe/detector checkpoint to ship a trained head")
-    variant = recipe.head_variant or next(iter(HEAD_VARIANTS[head_task]))
-    if variant not in HEAD_VARIANTS[head_task]:
-        raise QBHeatError(f"a {head_task} head has the variants {', '.join(HEAD_VARIANTS[head_task])}, not {variant!r}.")
+    variant = check_variant(head_task, recipe.head_variant)
     return {"backbone": backbone, "head": head, "task": head_task, "variant": variant, "labels": labels, "pre": pre,
             "name": name, "method": method, "source": source, "notes": notes}
 
@@ -253,12 +268,14 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     torch.manual_seed(0)
     plan = _artifact_plan(formats, recipe.precisions, "tensorrt" in formats)
     trt_check_needed = any(n["format"] == "tensorrt" for n in not_built)
-    steps = Steps(4 + len(plan) + int(trt_check_needed) + int(bool(recipe.eval_data)), quiet)
+    steps = Steps([*SETUP_STEPS, *(f"{fmt} {precision}" for fmt, precision in plan),
+                   *([f"accuracy on {recipe.eval_data}"] if recipe.eval_data else []),
+                   *([TENSORRT_CHECK_STEP] if trt_check_needed else [])], quiet)
 
-    steps.start("load model and head")
+    steps.start(SETUP_STEPS[0])
     src = load_source(recipe)
     pre: Preprocessing = src["pre"]
-    size = pre.input_size
+    size = pre.height
     reference = DeployableModel(src["backbone"], src["head"], src["variant"])
     from timm.utils.model import reparameterize_model
 
@@ -266,17 +283,17 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     params, macs = count_macs(reference, size)
     steps.done(f"{src['name']} + {src['task']} ({src['variant']}), {params / 1e6:.2f} M params, {macs / 1e6:.1f} M MACs at {size}")
 
-    steps.start("torch.export (example batch 2, symbolic batch)")
+    steps.start(SETUP_STEPS[1])
     program, example = export_program(deploy, size, recipe.max_batch)
     steps.done()
 
-    steps.start("calibration + parity images, PyTorch reference outputs")
+    steps.start(SETUP_STEPS[2])
     calib, check = calibration_and_parity(pre, recipe.calibration, recipe.calibration_count, max(PARITY_BATCHES))
     with torch.no_grad():
         ref = {b: [o.numpy() for o in reference(torch.from_numpy(check.inputs[:b]))] for b in PARITY_BATCHES}
     steps.done(f"{len(calib.names)} calibration images from {calib.source}")
 
-    steps.start("FP16 guard")
+    steps.start(SETUP_STEPS[3])
     guard = None
     if "fp16" in recipe.precisions or ("coreml" in formats and "int8" in recipe.precisions):
         from export import fp16_guard
@@ -294,9 +311,15 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
             if worker is not None and fmt == "coreml":
                 continue
             steps.start(f"{fmt} {precision}")
-            _ship(ctx, steps, fmt, precision, BUILDERS[fmt](ctx, precision), artifacts, not_built)
+            _ship(ctx, steps, fmt, precision, _build(ctx, fmt, precision), artifacts, not_built)
         if worker is not None:
-            for precision, (art, outputs), seconds in worker.results():
+            try:
+                built = worker.results()
+            except QBHeatError:
+                raise
+            except Exception as e:  # noqa: BLE001  (the worker re-raises the converter's own exception)
+                raise BuildError("coreml", "/".join(p for f, p in plan if f == "coreml"), e) from e
+            for precision, (art, outputs), seconds in built:
                 ctx._coreml_outputs = outputs
                 steps.start(f"coreml {precision}")
                 _ship(ctx, steps, "coreml", precision, art, artifacts, not_built, built_s=seconds)
@@ -310,7 +333,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         steps.done(_accuracy_gate(ctx, artifacts, not_built))
 
     if trt_check_needed:
-        steps.start("tensorrt: ONNX parser operator check")
+        steps.start(TENSORRT_CHECK_STEP)
         from export import tensorrt_format
 
         report = tensorrt_format.check_onnx(ctx.onnx_fp32())
@@ -332,6 +355,16 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
     if ctx.evaluation is not None:
         card["evaluation"] = ctx.evaluation
     return card
+
+
+def _build(ctx: "_Context", fmt: str, precision: str) -> dict:
+    """One format's builder; an unexpected exception inside it becomes a ``BuildError`` naming the format."""
+    try:
+        return BUILDERS[fmt](ctx, precision)
+    except QBHeatError:
+        raise
+    except Exception as e:  # noqa: BLE001  (converters raise anything; the user needs one sentence)
+        raise BuildError(fmt, precision, e) from e
 
 
 def _accuracy_gate(ctx: "_Context", artifacts: list[dict], not_built: list[dict]) -> str:
@@ -482,7 +515,7 @@ class _Context:
             pinned = self.pinned
             path = self.path("onnx", "model.fp16.onnx")
             if pinned:  # modules the guard keeps in float32: export the mixed-precision module itself
-                program, example = export_program(half_with_fp32_islands(self.deploy, pinned), self.pre.input_size, self.recipe.max_batch)
+                program, example = export_program(half_with_fp32_islands(self.deploy, pinned), self.pre.height, self.recipe.max_batch)
                 onnx_format.export_program(program, example, path, "image", self.output_names, {**self.metadata, "precision": "fp16"})
             else:  # nothing pinned: cast the FP32 graph (same function, no second torch.export)
                 onnx_format.to_float16(self.onnx_fp32(), path, {**self.metadata, "precision": "fp16"})
@@ -519,10 +552,10 @@ def _qbheat_version() -> str:
 
 def _artifact(ctx: _Context, fmt: str, precision: str, files: list[Path], **extra) -> dict:
     main = files[0]
-    art = {"format": fmt, "precision": precision, "path": str(main.relative_to(ctx.tmp)), "sha256": sha256_file(main),
+    art = {"format": fmt, "precision": precision, "path": str(main.relative_to(ctx.tmp)), "sha256": artifact_sha256(main),
            "size_bytes": _size(main), "opset": None, "verified": "not-run", "parity": None, "fp32_pinned": [], "notes": []}
     if len(files) > 1:
-        art["files"] = [{"path": str(f.relative_to(ctx.tmp)), "sha256": sha256_file(f), "size_bytes": _size(f)} for f in files]
+        art["files"] = [{"path": str(f.relative_to(ctx.tmp)), "sha256": file_sha256(f), "size_bytes": _size(f)} for f in files]
         art["size_bytes"] = sum(_size(f) for f in files)
     art.update(extra)
     return art
@@ -602,7 +635,7 @@ def _build_coreml(ctx: _Context, precision: str) -> dict:
     if not hasattr(ctx, "_coreml_program"):
         variant = "probabilities" if ctx.src["task"] == "classifier" else ctx.src["variant"]
         model = coreml_format.ChannelRescale(DeployableModel(ctx.deploy.backbone, ctx.deploy.head, variant), ctx.pre.std)
-        program, _ = export_program(model, ctx.pre.input_size, 1, dynamic=False)
+        program, _ = export_program(model, ctx.pre.height, 1, dynamic=False)
         ctx._coreml_program = coreml_format.decompose(program)
         ctx._coreml_outputs = model.output_names
     labels = ctx.src["labels"] if ctx.src["task"] == "classifier" else None
@@ -692,7 +725,7 @@ def _verify(ctx: _Context, fmt: str, precision: str, art: dict) -> None:
         from export import coreml_format
 
         expect = ["classLabel"] if ctx.src["task"] == "classifier" else list(ctx._coreml_outputs)
-        spec = coreml_format.verify_spec(ctx.tmp / art["path"], "image", ctx.pre.input_size, expect)
+        spec = coreml_format.verify_spec(ctx.tmp / art["path"], "image", ctx.pre.height, expect)
         art["verified"], art["spec"] = "spec-only", spec
         art["notes"].append("Core ML prediction needs macOS: only the saved spec was verified here")
         if not spec["passed"]:
@@ -734,7 +767,7 @@ def _verify(ctx: _Context, fmt: str, precision: str, art: dict) -> None:
 def _nms_fn(ctx: _Context):
     if ctx.src["task"] != "detector":
         return None
-    head, size = ctx.deploy.head, ctx.pre.input_size
+    head, size = ctx.deploy.head, ctx.pre.height
 
     def nms(boxes, scores):
         with torch.no_grad():
@@ -787,7 +820,7 @@ def _card(ctx: _Context, artifacts: list[dict], not_built: list[dict], params: i
         "head": {"type": src["task"], "variant": src["variant"], "head_type": src["head"].head_type,
                  "kwargs": dict(src["head"].kwargs), "labels": src["labels"]},
         "preprocessing": ctx.pre.card(),
-        "io": {"inputs": [{"name": "image", "shape": ["batch", 3, ctx.pre.input_size, ctx.pre.input_size], "dtype": "float32"}],
+        "io": {"inputs": [{"name": "image", "shape": ["batch", 3, ctx.pre.height, ctx.pre.height], "dtype": "float32"}],
                "outputs": outputs},
         "artifacts": artifacts,
         "tools": backends.tool_versions(ctx.recipe.formats),

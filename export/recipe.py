@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from export.deployable import check_variant
 from export.quantize import INT8_SCOPES
 from qbheat.errors import QBHeatError
 
 FORMATS = ("onnx", "openvino", "coreml", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
-HEADS = ("classifier", "detector", "features")
-HEAD_VARIANTS = {"classifier": ("logits", "probabilities"), "detector": ("decode", "nms"), "features": ("embedding",)}
+HEAD_TASKS = ("classifier", "detector", "features")
 NEW_HEAD_CLASSES = {"classifier": 1000, "detector": 80}  # ImageNet-1k and COCO class counts, for untrained heads
 
 
@@ -92,10 +92,10 @@ class ExportRecipe:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise QBHeatError(f"unknown precision {bad[0] if bad else '(none)'!r}; choose from {', '.join(PRECISIONS)}.")
-        if self.head is not None and self.head not in HEADS:
+        if self.head is not None and self.head not in HEAD_TASKS:
             raise QBHeatError(f"unknown head {self.head!r}; choose classifier, detector or features.")
-        if self.head and self.head_variant and self.head_variant not in HEAD_VARIANTS[self.head]:
-            raise QBHeatError(f"a {self.head} head has the variants {', '.join(HEAD_VARIANTS[self.head])}, not {self.head_variant!r}.")
+        if self.head and self.head_variant:
+            check_variant(self.head, self.head_variant)
         if self.image_size is not None and (self.image_size < 32 or self.image_size % 32):
             raise QBHeatError(f"--image-size {self.image_size} must be a multiple of 32 (the backbones' largest stride), at least 32.")
         if self.num_classes is not None and self.num_classes < 1:

@@ -14,7 +14,6 @@ A "probe"/"detector" checkpoint adds ``head`` = {"type", "kwargs", "state"}, ``l
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import tempfile
@@ -100,17 +99,3 @@ def build_backbone(ckpt: dict[str, Any]) -> torch.nn.Module:
             f"checkpoint weights do not fit model {name!r} ({first}); was it saved from another model?"
         ) from None
     return model
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, or of every file below a folder (sorted by relative path) for bundles like .mlpackage."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        if path.is_dir():
-            h.update(str(p.relative_to(path)).encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from qbheat.errors import QBHeatError
+from qbheat_contract.errors import INTERRUPTED, USER_ERROR
 
 COMMANDS = {
     "models": ("qbheat.commands.models", "print the model zoo: params, MACs at 224, published top-1"),
@@ -21,6 +23,7 @@ COMMANDS = {
 
 def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -35,11 +38,13 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], 
     try:
         return int(modules[args.command].run(args) or 0)
     except QBHeatError as e:
+        if args.debug:
+            traceback.print_exception(e.__cause__ or e, file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,10 @@
 (``qbheat.methods.<method>.recipe``). ``load_config(path, overrides)`` reads a YAML mapping with
 the same keys (sections nested), applies dotted overrides such as ``{"qbheat.decoder_dim": 64}``,
 checks every type, and ``validate()`` reports the first problem as one sentence saying what to change.
+
+The sections' dataclasses belong to the registries (a method's ``Config``, a regularizer's
+``register_regularizer(name, config=...)``, HSSL's ``HSSLConfig``; see ``section_types``): this module
+names the sections but imports no method when it is imported, and no method imports it.
 """
 from __future__ import annotations
 
@@ -13,16 +17,33 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qbheat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from qbheat.errors import QBHeatError
-from qbheat.methods.hssl import HSSLConfig
-from qbheat.methods.mocov2 import MoCoV2Config
-from qbheat.methods.qbheat import QBHeatConfig
-from qbheat.regularizers.msbreg import MSBRegConfig
+from qbheat_contract.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:  # the registries own these; config names its sections and never imports a method at import time
+    from qbheat.methods.hssl import HSSLConfig
+    from qbheat.methods.mocov2 import MoCoV2Config
+    from qbheat.methods.qbheat import QBHeatConfig
+    from qbheat.regularizers.msbreg import MSBRegConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def section_types() -> dict[str, type]:
+    """Section name → its config dataclass, from the registries that own them: every method's ``Config``
+    (``qbheat.methods.METHODS``), every regularizer's (``qbheat.regularizers.REGULARIZERS``) and HSSL's."""
+    from qbheat.methods import METHODS
+    from qbheat.methods.hssl import HSSLConfig
+    from qbheat.regularizers import REGULARIZERS
+
+    return {**{name: cls.Config for name, cls in METHODS.items()}, "hssl": HSSLConfig,
+            **{name: factory.Config for name, factory in REGULARIZERS.items() if getattr(factory, "Config", None) is not None}}
+
+
+def _section(name: str):
+    return field(default_factory=lambda: section_types()[name]())
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -69,11 +90,11 @@ class PretrainConfig:
     # ["msbreg"]) and HSSL's auxiliary head (hssl.enabled); both work with either method
     regularizers: list[str] = field(default_factory=list)
     # per-method sections
-    qbheat: QBHeatConfig = field(default_factory=QBHeatConfig)
-    mocov2: MoCoV2Config = field(default_factory=MoCoV2Config)
+    qbheat: QBHeatConfig = _section("qbheat")
+    mocov2: MoCoV2Config = _section("mocov2")
     # per-addition sections
-    hssl: HSSLConfig = field(default_factory=HSSLConfig)
-    msbreg: MSBRegConfig = field(default_factory=MSBRegConfig)
+    hssl: HSSLConfig = _section("hssl")
+    msbreg: MSBRegConfig = _section("msbreg")
 
     @property
     def method_label(self) -> str:
@@ -220,7 +241,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _from_dict(cls, data: dict[str, Any], prefix: str = ""):
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns={t.__name__: t for t in section_types().values()})
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:

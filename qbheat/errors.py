@@ -1,9 +1,8 @@
-"""The one exception type for errors a user can cause.
+"""The one exception type for errors a user can cause (defined in ``qbheat_contract.errors``).
 
 Raise ``QBHeatError`` with one sentence that says what happened and what to do. Both CLIs print
 it without a traceback and exit with status 2. Programming errors stay ordinary exceptions.
 """
+from qbheat_contract.errors import QBHeatError
 
-
-class QBHeatError(Exception):
-    """A problem with the user's input, files or environment, explained in one sentence."""
+__all__ = ["QBHeatError"]

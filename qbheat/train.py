@@ -34,7 +34,7 @@ from qbheat.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoi
 from qbheat.config import PretrainConfig
 from qbheat.data.build import GlobalStepSampler, batch_iterator, build_pretrain_dataset, view_generator
 from qbheat.errors import QBHeatError
-from qbheat.evaluation.features import Preprocessing
+from qbheat.evaluation.features import ProbePreprocessing
 from qbheat.methods import build_method, build_regularizers, method_class
 from qbheat.methods._recipe import OptimRecipe
 
@@ -400,7 +400,7 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
                 "data": {"step": step, "epoch": step // sampler.steps_per_epoch, "seed": config.seed,
                          "global_batch": config.batch_size, "dataset_size": len(dataset), "spec": config.data},
                 # the evaluation recipe probes and exports use (not the training augmentation's)
-                "preprocessing": Preprocessing(input_size=(3, config.image_size, config.image_size),
+                "preprocessing": ProbePreprocessing(input_size=(3, config.image_size, config.image_size),
                                                mean=tuple(config.mean), std=tuple(config.std)).to_dict(),
                 "world_size": ctx.world_size,
                 "config": config.to_dict(),

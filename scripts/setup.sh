@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of a fresh machine: system packages, a virtual environment,
-# the CPU build of torch pinned by constraints.txt, then qbheat with its export and dev extras.
+# the CPU build of torch pinned by constraints.txt, then qbheat with its export and dev extras, then
+# the start-up hook that makes torchvision (and so timm) importable before qbheat.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -25,4 +26,7 @@ PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 # torch first, from the local CPU wheel; constraints.txt keeps every later install on it.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install torch==2.13.0
 "${PIP[@]}" install -c constraints.txt -e ".[dev]"
+# `import timm` before `import qbheat` must work too: a start-up hook runs qbheat's torchvision shim
+# just before torchvision is first imported (see scripts/torchvision_hook.py).
+"$VENV/bin/python" scripts/torchvision_hook.py --install >/dev/null
 touch "$VENV/.installed"

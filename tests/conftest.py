@@ -16,3 +16,12 @@ torch.set_num_threads(2)
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny workloads: one thread avoids the sync overhead of two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,9 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.manifest import ModelCardError, read_model_card
+    from qbheat_contract.card import ModelCardError, read_model_card
 
-    from deploy_targets._errors import QBHeatError
+    from qbheat_contract.errors import QBHeatError
     from deploy_targets.bundle import write_bundle
     from deploy_targets.profiles import load_profile
     from deploy_targets.transport import execute, parse_reach, remote_run_plan

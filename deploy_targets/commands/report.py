@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deploy_targets._errors import QBHeatError
+    from qbheat_contract.errors import CHECK_FAILED, OK, QBHeatError
     from deploy_targets.recommend import format_recommendations
     from deploy_targets.report import build_report
 
@@ -40,4 +40,4 @@ def run(args: argparse.Namespace) -> int:
     for c in merged.get("comparisons", []):
         print(f"{c['verdict']:>12}  {c['delta'] * 100:+6.1f} % (threshold {c['threshold'] * 100:.1f} %)  {c['key']}")
     print(f"qbheat-export report: {len(merged['rows'])} rows from {len(args.runs)} run(s) -> {args.out}/report.{{json,md,html}}", file=sys.stderr)
-    return 1 if regressions and args.fail_on_regression else 0
+    return CHECK_FAILED if regressions and args.fail_on_regression else OK

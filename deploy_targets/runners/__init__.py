@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 
 # runtime -> (module, class); modules are imported on demand so a missing runtime costs nothing.
 RUNNERS = {
@@ -103,6 +103,14 @@ class Runner:
 
 def _missing(runtime: str, package: str, extra: str) -> QBHeatError:
     return QBHeatError(f"the {runtime} runner needs the Python package {package!r}; install it (pip install 'qbheat[{extra}]') on this machine.")
+
+
+def import_runtime(module: str, runtime: str, package: str, extra: str):
+    """Import a runtime's Python module when a runner loads; its absence is a user error naming the package."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise _missing(runtime, package, extra) from None
 
 
 def get_runner(runtime: str, threads: int = 0, precision: str = "fp32", **options: Any) -> Runner:

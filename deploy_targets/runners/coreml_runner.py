@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
-from . import Runner, _missing
+from qbheat_contract.errors import QBHeatError
+from . import Runner, import_runtime
 
 COMPUTE_UNITS = {"cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE", "all": "ALL"}
 
@@ -25,10 +25,7 @@ class CoreMlRunner(Runner):
     def _load(self, path: Path) -> None:
         if sys.platform != "darwin":
             raise QBHeatError("Core ML prediction needs macOS; run the bundle ('qbheat-export bundle --target mac-apple-silicon-coreml') on a Mac.")
-        try:
-            import coremltools as ct
-        except ImportError:
-            raise _missing("coreml", "coremltools", "coreml") from None
+        ct = import_runtime("coremltools", "coreml", "coremltools", "coreml")
         self._ct = ct
         units = self.options.get("compute_units", "all")
         if units not in COMPUTE_UNITS:

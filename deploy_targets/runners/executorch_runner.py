@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from . import Runner, _missing
 
 

@@ -11,18 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
-from . import Runner, _missing
+from qbheat_contract.errors import QBHeatError
+from . import Runner, import_runtime
 
 
 class LiteRtRunner(Runner):
     runtime = "litert"
 
     def _load(self, path: Path) -> None:
-        try:
-            from ai_edge_litert import interpreter as litert
-        except ImportError:
-            raise _missing("litert", "ai-edge-litert", "litert") from None
+        litert = import_runtime("ai_edge_litert.interpreter", "litert", "ai-edge-litert", "litert")
         self._litert = litert
         try:
             self.interpreter = litert.Interpreter(model_path=str(path), num_threads=self.threads or None)

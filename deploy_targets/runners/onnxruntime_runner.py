@@ -1,4 +1,7 @@
-"""ONNX Runtime (CPU execution provider by default; any provider the profile names)."""
+"""ONNX Runtime (CPU execution provider by default; any provider the profile names).
+
+Profile options: ``execution_provider``, ``allow_spinning`` (bool), ``profile_prefix`` (a path prefix: profile every run).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,18 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
-from . import Runner, _missing
+from qbheat_contract.errors import QBHeatError
+from . import Runner, import_runtime
 
 
 class OnnxRuntimeRunner(Runner):
     runtime = "onnxruntime"
 
     def _load(self, path: Path) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise _missing("onnxruntime", "onnxruntime", "export") from None
+        ort = import_runtime("onnxruntime", "onnxruntime", "onnxruntime", "export")
         self._ort = ort
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -26,6 +26,10 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             so.intra_op_num_threads = self.threads
         so.log_severity_level = 3
+        if "allow_spinning" in self.options:  # intra-op threads spin between ops (ORT's default) or sleep
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options["allow_spinning"] else "0")
+        if self.options.get("profile_prefix"):  # ORT's own per-node profiler (benchmarks/lean_graph.py)
+            so.enable_profiling, so.profile_file_prefix = True, str(self.options["profile_prefix"])
         provider = self.options.get("execution_provider", "CPUExecutionProvider")
         if provider not in ort.get_available_providers():
             raise QBHeatError(f"ONNX Runtime here has no {provider}; available: {ort.get_available_providers()}.")

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
-from . import Runner, _missing
+from qbheat_contract.errors import QBHeatError
+from . import Runner, import_runtime
 
 
 def disable_telemetry() -> None:
@@ -59,10 +59,7 @@ class OpenVinoRunner(Runner):
 
     def _load(self, path: Path) -> None:
         disable_telemetry()
-        try:
-            import openvino as ov
-        except ImportError:
-            raise _missing("openvino", "openvino", "openvino") from None
+        ov = import_runtime("openvino", "openvino", "openvino", "openvino")
         self._ov = ov
         core = shared_core()
         device = self.options.get("device", "CPU")

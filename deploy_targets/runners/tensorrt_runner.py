@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import QBHeatError
-from . import Runner, _missing
+from qbheat_contract.errors import QBHeatError
+from . import Runner, _missing, import_runtime
 
 
 def _cudart():
@@ -103,10 +103,7 @@ class TensorRtRunner(Runner):
     runtime = "tensorrt"
 
     def _load(self, path: Path) -> None:
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise _missing("tensorrt", "tensorrt", "tensorrt") from None
+        trt = import_runtime("tensorrt", "tensorrt", "tensorrt", "tensorrt")
         self._trt = trt
         self._cuda = _cudart()
         logger = trt.Logger(trt.Logger.WARNING)

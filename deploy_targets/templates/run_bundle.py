@@ -28,7 +28,8 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 
 from qbheat_bench import fingerprint, harness, results  # noqa: E402
-from qbheat_bench._errors import QBHeatError  # noqa: E402
+from qbheat_contract.errors import CHECK_FAILED, OK, USER_ERROR, QBHeatError  # noqa: E402
+from qbheat_contract.hashing import artifact_sha256  # noqa: E402
 from qbheat_bench.protocol import ProtocolConfig  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except QBHeatError as e:
         print(f"run_bundle: error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         path = HERE / artifact["path"]
         if not path.exists():
             raise QBHeatError(f"{artifact['path']} is missing from the bundle; copy the whole folder.")
-        sha = fingerprint.sha256_path(path)
+        sha = artifact_sha256(path)
         if sha != artifact["sha256"]:
             raise QBHeatError(f"{artifact['path']} has SHA-256 {sha[:12]}…, not {artifact['sha256'][:12]}… as bundled; the copy is damaged.")
         print(f"run_bundle: {artifact['path']} on {profile['runtime']}", file=sys.stderr)
@@ -93,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in doc["rows"] if r.get("golden") and not r["golden"]["passed"]]
     if failed:
         print(f"run_bundle: {len(failed)} configuration(s) FAILED the golden-output check.", file=sys.stderr)
-        return 1
-    return 0
+        return CHECK_FAILED
+    return OK
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-ACCURACY_EXIT = 4
+from qbheat_contract.errors import ACCURACY_FAILED as ACCURACY_EXIT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from export import evaluate
     from export.eval_data import load_eval_set
     from export.localize import describe
-    from export.manifest import ModelCardError, read_model_card
+    from qbheat_contract.card import ModelCardError, read_model_card
     from qbheat.errors import QBHeatError
 
     folder = Path(args.export_dir)

@@ -20,9 +20,8 @@ import sys
 
 from export.quantize import INT8_SCOPES
 from export.recipe import ExportRecipe
-
-PARITY_EXIT = 3
-ACCURACY_EXIT = 4
+from qbheat_contract.errors import ACCURACY_FAILED as ACCURACY_EXIT
+from qbheat_contract.errors import PARITY_FAILED as PARITY_EXIT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

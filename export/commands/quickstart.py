@@ -191,7 +191,7 @@ MAX_DROP = 1.0  # top-1 points the recommendation may give up for speed (ours: o
 
 def _copy_model_card(export_dir: Path, out: Path) -> None:
     """``OUT/model_card.json``: the export's card with artifact paths relative to OUT."""
-    from export.manifest import read_model_card, write_model_card
+    from qbheat_contract.card import read_model_card, write_model_card
 
     card = read_model_card(export_dir)
     rel = export_dir.relative_to(out)
@@ -209,7 +209,7 @@ def _accuracy_text(art: dict) -> str:
 
 
 def _summary(out: Path, times: dict[str, float], total: float) -> None:
-    from export.manifest import read_model_card
+    from qbheat_contract.card import read_model_card
 
     card = read_model_card(out)
     probe = json.loads((out / "linear_probe.json").read_text())

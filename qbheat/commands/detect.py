@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
     from qbheat.checkpoint import save_checkpoint
     from qbheat.errors import QBHeatError
     from qbheat.evaluation.detection import DetectionConfig, load_coco_split, run_detection
-    from qbheat.evaluation.features import Preprocessing
+    from qbheat.evaluation.features import ProbePreprocessing
     from qbheat.evaluation.sources import load_backbone, probe_payload, write_json
 
     _positive(args, "train_size", "val_size", "test_size", "image_size", "epochs", "threads")
@@ -106,8 +106,8 @@ def _train(args: argparse.Namespace) -> int:
     test = load_coco_split(root, "test", args.test_size)
     source = load_backbone(args.checkpoint, args.model, seed=args.seed)
     size = args.image_size or int(train.images.shape[1])
-    base = Preprocessing.from_dict(source.preprocessing) if source.preprocessing else Preprocessing()
-    pre = Preprocessing(input_size=(3, size, size), mean=base.mean, std=base.std, interpolation=base.interpolation)
+    base = ProbePreprocessing.from_dict(source.preprocessing) if source.preprocessing else ProbePreprocessing()
+    pre = ProbePreprocessing(input_size=(3, size, size), mean=base.mean, std=base.std, interpolation=base.interpolation)
     cfg = DetectionConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}),
                           **({"lrs": tuple(args.lr)} if args.lr else {}))
     res = run_detection(source.backbone, train, val, test, pre, cfg, progress)
@@ -136,7 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from qbheat.checkpoint import build_backbone, load_checkpoint
     from qbheat.evaluation.detection import evaluate_detector, extract_multiscale, load_coco_split
-    from qbheat.evaluation.features import Preprocessing
+    from qbheat.evaluation.features import ProbePreprocessing
     from qbheat.evaluation.sources import write_json
     from qbheat.heads import head_from_spec
 
@@ -146,7 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, kinds=("detector",))
     backbone = build_backbone(ckpt)
     head = head_from_spec(ckpt["head"])
-    pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    pre = ProbePreprocessing.from_dict(ckpt["preprocessing"])
     split = load_coco_split(args.data, args.split, args.limit)
     feats = extract_multiscale(backbone, split.images, pre, tuple(head.strides), progress=not args.no_progress)
     metrics = evaluate_detector(head, feats, split, pre.input_size[1])

@@ -134,15 +134,6 @@ class CanvasGenerator:
             "categories": [{"id": k + 1, "name": name, "supercategory": "fashion"} for k, name in enumerate(self.classes)],
         }
 
-    def coco_dict(self, split: str, n: int) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """The COCO annotation dict of canvases 0..n-1 of ``split`` and the images themselves."""
-        coco, images = self.coco_header(split), []
-        for i in range(n):
-            image, boxes, cats = self.canvas(split, i)
-            images.append(image)
-            _add_image(coco, i, image.shape, boxes, cats)
-        return coco, images
-
 
 def _add_image(coco: dict[str, Any], i: int, shape: tuple[int, ...], boxes: np.ndarray, cats: np.ndarray) -> None:
     """Append canvas i (image id i + 1, file ``<i:06d>.png``) and its boxes to a COCO dict."""

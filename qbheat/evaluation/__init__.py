@@ -1,6 +1,6 @@
 """Frozen-backbone evaluation: the protocols that judge a pre-training.
 
-- ``features``: feature extraction in eval mode (BatchNorm frozen), batched, cached; ``Preprocessing``
+- ``features``: feature extraction in eval mode (BatchNorm frozen), batched, cached; ``ProbePreprocessing``
   is the image recipe that probe checkpoints record for export.
 - ``knn``: weighted cosine kNN (k=20/T=0.07 and k=200/T=0.1).
 - ``linear_probe``: logistic regression on frozen pooled features, weight decay chosen on held-out data.

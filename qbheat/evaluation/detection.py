@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qbheat.errors import QBHeatError
-from qbheat.evaluation.features import Preprocessing, as_uint8_chw
+from qbheat.evaluation.features import ProbePreprocessing, as_uint8_chw
 
 
 @dataclass
@@ -142,7 +142,7 @@ def coco_map(coco_gt: dict[str, Any], detections: list[dict[str, Any]]) -> dict[
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_multiscale(backbone: nn.Module, images: np.ndarray, preprocessing: Preprocessing,
+def extract_multiscale(backbone: nn.Module, images: np.ndarray, preprocessing: ProbePreprocessing,
                        strides: tuple[int, ...] = (8, 16, 32), batch_size: int = 128, progress: bool = True,
                        desc: str = "multiscale features") -> list[torch.Tensor]:
     """Frozen stride-s maps of every image (eval mode), one N×C_l×H/s×W/s tensor per level."""
@@ -259,7 +259,7 @@ def evaluate_detector(head: nn.Module, feats: list[torch.Tensor], split: CocoSpl
 
 
 def run_detection(backbone: nn.Module, train: CocoSplit, val: CocoSplit, test: CocoSplit | None,
-                  preprocessing: Preprocessing, cfg: DetectionConfig | None = None, progress: bool = True) -> DetectionResult:
+                  preprocessing: ProbePreprocessing, cfg: DetectionConfig | None = None, progress: bool = True) -> DetectionResult:
     """Cache frozen features of each split, train one head per lr, choose by val mAP, score test once."""
     cfg = cfg or DetectionConfig()
     size = preprocessing.input_size[1]
@@ -269,7 +269,7 @@ def run_detection(backbone: nn.Module, train: CocoSplit, val: CocoSplit, test: C
 
     def feats_and_boxes(split: CocoSplit, name: str):
         h, w = split.images.shape[1:3]
-        f = extract_multiscale(backbone, split.images, Preprocessing(**{**preprocessing.__dict__}), cfg.strides,
+        f = extract_multiscale(backbone, split.images, ProbePreprocessing(**{**preprocessing.__dict__}), cfg.strides,
                                progress=progress, desc=f"{name} features")
         return f, _scale_boxes(split.boxes, size / w, size / h)
 

@@ -10,13 +10,13 @@ and returns a ``FeatureSet``:
     fmap     N×C×h×w  the last feature map (``spatial=True``), for the non-linear probe
     tokens   N×T×d  Mobile-Former's global tokens, or None for a CNN (``spatial=True``)
 
-Images come in as uint8 (N×H×W grey, N×H×W×3, or N×3×H×W); ``Preprocessing`` resizes the short
+Images come in as uint8 (N×H×W grey, N×H×W×3, or N×3×H×W); ``ProbePreprocessing`` resizes the short
 side to the input size (bilinear or bicubic, antialiased), centre-crops, scales to [0, 1] and
 normalises with mean/std: exactly the recipe a probe checkpoint records for export to ship.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,43 +24,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qbheat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from qbheat.errors import QBHeatError
+from qbheat_contract.preprocessing import Preprocessing
 
-INTERPOLATIONS = ("bilinear", "bicubic")
+TORCH_INTERPOLATIONS = ("bilinear", "bicubic")  # what F.interpolate antialiases
 
 
 @dataclass
-class Preprocessing:
-    """The image recipe a probe is trained with and export ships (``checkpoint["preprocessing"]``)."""
+class ProbePreprocessing(Preprocessing):
+    """The probes' image recipe (``qbheat_contract.preprocessing.Preprocessing`` applied to torch batches).
 
-    input_size: tuple[int, int, int] = (3, 64, 64)  # C×H×W; 64 px: the Fashion-MNIST reproduction
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # timm defaults, as pre-training uses
-    std: tuple[float, float, float] = IMAGENET_STD
+    Its defaults are the Fashion-MNIST reproduction's, not timm's: 64 px, bilinear, no crop margin
+    (crop_pct 1.0: 28-px items fill the frame); a probe checkpoint records them for export to ship."""
+
+    input_size: tuple[int, int, int] = (3, 64, 64)
     interpolation: str = "bilinear"
-    crop_pct: float = 1.0  # resize the short side to size / crop_pct, then centre-crop size
+    crop_pct: float = 1.0
 
     def __post_init__(self):
-        if self.interpolation not in INTERPOLATIONS:
-            raise QBHeatError(f"interpolation must be one of {list(INTERPOLATIONS)}, not {self.interpolation!r}.")
-        self.input_size = tuple(int(v) for v in self.input_size)
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
+        super().__post_init__()
+        if self.interpolation not in TORCH_INTERPOLATIONS:
+            raise QBHeatError(f"interpolation must be one of {list(TORCH_INTERPOLATIONS)}, not {self.interpolation!r}.")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], image_size: int | None = None) -> "Preprocessing":
-        """From a checkpoint's ``preprocessing`` entry; ``image_size`` overrides its input size."""
-        size = tuple(d.get("input_size", (3, 64, 64)))
-        if image_size is not None:
-            size = (3, image_size, image_size)
-        interp = d.get("interpolation", "bilinear")
-        return cls(input_size=size, mean=tuple(d.get("mean", IMAGENET_MEAN)), std=tuple(d.get("std", IMAGENET_STD)),
-                   interpolation=interp if interp in INTERPOLATIONS else "bilinear",
-                   crop_pct=float(d.get("crop_pct", 1.0)))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    def from_dict(cls, d: dict[str, Any], image_size: int | None = None) -> "ProbePreprocessing":
+        """From a checkpoint's ``preprocessing`` entry; ``image_size`` overrides its input size (an
+        interpolation torch cannot antialias falls back to bilinear)."""
+        if d.get("interpolation") is not None and str(d["interpolation"]).lower() not in TORCH_INTERPOLATIONS:
+            d = {**d, "interpolation": "bilinear"}
+        return super().from_dict(d, image_size)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 B×3×H×W → float32 B×3×h×w, normalised."""
@@ -124,7 +116,7 @@ def pool_features(fmap: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tens
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: np.ndarray | torch.Tensor, preprocessing: Preprocessing,
+def extract_features(backbone: nn.Module, images: np.ndarray | torch.Tensor, preprocessing: ProbePreprocessing,
                      labels: np.ndarray | torch.Tensor | None = None, *, batch_size: int = 256, spatial: bool = False,
                      pool: str = "pooled", progress: bool = True, desc: str = "features") -> FeatureSet:
     """Frozen features of ``images`` (uint8) with ``backbone`` in eval mode; the training mode is restored after.
@@ -175,7 +167,7 @@ def extract_features(backbone: nn.Module, images: np.ndarray | torch.Tensor, pre
 
 
 @torch.no_grad()
-def recalibrate_untracked_batchnorm(backbone: nn.Module, images: np.ndarray | torch.Tensor, preprocessing: Preprocessing,
+def recalibrate_untracked_batchnorm(backbone: nn.Module, images: np.ndarray | torch.Tensor, preprocessing: ProbePreprocessing,
                                     *, max_images: int = 2048, batch_size: int = 256, progress: bool = True,
                                     every_layer: bool = False) -> list[str]:
     """Estimate running statistics for the BatchNorm layers that pre-training never updated; return their names.

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qbheat.checkpoint import atomic_write_bytes, build_backbone, load_checkpoint, sha256_file
+from qbheat.checkpoint import atomic_write_bytes, build_backbone, load_checkpoint
+from qbheat_contract.hashing import file_sha256
 from qbheat.errors import QBHeatError
-from qbheat.evaluation.features import Preprocessing
+from qbheat.evaluation.features import ProbePreprocessing
 
 FASHION_MNIST_SIZE = 64  # px: the reproduction's resolution (28 px images upsampled; see the fashion-mnist configs)
 
@@ -47,7 +48,7 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
         method = ckpt.get("method")
         return BackboneSource(backbone, {"name": ckpt["model"]["name"], "kwargs": dict(ckpt["model"].get("kwargs", {}))},
                               method, ckpt.get("preprocessing"),
-                              {"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint), "kind": ckpt.get("kind"),
+                              {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint), "kind": ckpt.get("kind"),
                                "method": method, "model": ckpt["model"]["name"]})
     from qbheat.models import create_model
 
@@ -58,12 +59,12 @@ def load_backbone(checkpoint: str | os.PathLike | None = None, model: str | None
                           {"model": model, "init": "random", "seed": seed, "method": None})
 
 
-def resolve_preprocessing(source: BackboneSource, data: str, image_size: int | None) -> Preprocessing:
+def resolve_preprocessing(source: BackboneSource, data: str, image_size: int | None) -> ProbePreprocessing:
     """The checkpoint's recipe (mean, std, size), else the data's default size with ImageNet mean/std; ``image_size`` wins."""
     if source.preprocessing is not None:
-        return Preprocessing.from_dict(source.preprocessing, image_size)
+        return ProbePreprocessing.from_dict(source.preprocessing, image_size)
     size = image_size or (FASHION_MNIST_SIZE if data == "fashion-mnist" else 224)
-    return Preprocessing(input_size=(3, size, size))
+    return ProbePreprocessing(input_size=(3, size, size))
 
 
 def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -76,7 +77,7 @@ def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def classification_data(spec: str, split: str, *, limit: int | None = None, seed: int = 0,
-                        preprocessing: Preprocessing | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                        preprocessing: ProbePreprocessing | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(uint8 images, int64 labels, class names) of ``split`` ("train" or "test").
 
     ImageFolder trees need ``train/`` and ``val/`` (or ``test/``) folders of class sub-folders; their
@@ -101,7 +102,7 @@ def classification_data(spec: str, split: str, *, limit: int | None = None, seed
     source = ImageFolderImages(folder)
     if source.labels is None:
         raise QBHeatError(f"images in {folder} are not in class sub-folders, so they have no labels to probe with.")
-    pre = preprocessing or Preprocessing(input_size=(3, 224, 224))
+    pre = preprocessing or ProbePreprocessing(input_size=(3, 224, 224))
     idx = _subset(len(source), limit, seed)
     out = np.empty((len(idx), 3, *pre.input_size[1:]), dtype=np.uint8)
     for row, i in enumerate(idx):
@@ -111,7 +112,7 @@ def classification_data(spec: str, split: str, *, limit: int | None = None, seed
     return out, source.labels[idx], list(source.classes)
 
 
-def probe_payload(source: BackboneSource, kind: str, head: nn.Module, labels: list[str], preprocessing: Preprocessing,
+def probe_payload(source: BackboneSource, kind: str, head: nn.Module, labels: list[str], preprocessing: ProbePreprocessing,
                   results: dict[str, Any]) -> dict[str, Any]:
     """A "probe"/"detector" checkpoint: what ``qbheat-export export --checkpoint`` ships as it is."""
     from qbheat.heads import head_spec

@@ -1,5 +1,10 @@
 """Self-supervised pre-training methods: the one registry, name → class.
 
+A method is one file whose class registers itself with ``@register_method("name")`` (as heads use
+``@register_head`` and regularizers ``@register_regularizer``) and carries its options as ``Config``,
+which ``qbheat.config.PretrainConfig`` takes as its section ``name``; the file is imported at the end
+of this package.
+
 A method is an ``nn.Module`` built around a timm backbone (``method.backbone``, created with
 num_classes=0; that module is what checkpoints store under ``backbone`` and what export ships):
 
@@ -36,16 +41,22 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from qbheat.errors import QBHeatError
-from qbheat.methods.mocov2 import MoCoV2
-from qbheat.methods.qbheat import QBHeat
 
 if TYPE_CHECKING:
     from qbheat.config import PretrainConfig
 
-METHODS: dict[str, type[nn.Module]] = {
-    "qbheat": QBHeat,
-    "mocov2": MoCoV2,
-}
+METHODS: dict[str, type[nn.Module]] = {}
+
+
+def register_method(name: str):
+    """Decorator: make a method class (with its ``Config``, the ``PretrainConfig`` section ``name``)
+    available as ``method: name``. A new method is one file that registers itself, imported below."""
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = cls
+        return cls
+    return add
 
 
 def method_class(name: str) -> type[nn.Module]:
@@ -59,8 +70,12 @@ def build_method(config: "PretrainConfig", backbone: nn.Module) -> nn.Module:
     return method_class(config.method).from_config(config, backbone)
 
 
+# the method files register themselves (they import register_method from here, so they come last)
+from qbheat.methods.mocov2 import MoCoV2  # noqa: E402
+from qbheat.methods.qbheat import QBHeat  # noqa: E402
+
 # one registry for regularizers, kept in qbheat.regularizers; imported last (it imports _momentum)
 from qbheat.regularizers import REGULARIZERS, build_regularizers, register_regularizer  # noqa: E402
 
 __all__ = ["METHODS", "REGULARIZERS", "MoCoV2", "QBHeat", "build_method", "build_regularizers",
-           "method_class", "register_regularizer"]
+           "method_class", "register_method", "register_regularizer"]

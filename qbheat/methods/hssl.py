@@ -47,7 +47,7 @@ from qbheat.methods._momentum import momentum_at, momentum_copy, momentum_update
 if TYPE_CHECKING:
     from qbheat.config import PretrainConfig
 
-HEADS = ("auto", "transformer", "conv")
+AUXILIARY_HEADS = ("auto", "transformer", "conv")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 
@@ -77,8 +77,8 @@ class HSSLConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.head not in HEADS:
-            out.append(f"hssl.head must be one of {list(HEADS)}, not {self.head!r}")
+        if self.head not in AUXILIARY_HEADS:
+            out.append(f"hssl.head must be one of {list(AUXILIARY_HEADS)}, not {self.head!r}")
         if self.depth < 1:
             out.append(f"hssl.depth must be ≥ 1, not {self.depth}")
         if (self.dim is not None and self.dim < 1) or (self.num_heads is not None and self.num_heads < 1):

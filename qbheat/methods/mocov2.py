@@ -27,6 +27,7 @@ from torch import nn
 
 from qbheat import distributed
 from qbheat.errors import QBHeatError
+from qbheat.methods import register_method
 from qbheat.methods._momentum import momentum_at, momentum_copy, momentum_update_
 from qbheat.methods._recipe import OptimRecipe
 
@@ -94,6 +95,7 @@ def embedding_dim(backbone: nn.Module) -> int:
     return int(width)
 
 
+@register_method("mocov2")
 class MoCoV2(nn.Module):
     """MoCo-v2 around any timm backbone (pooled features from ``backbone(x)``, num_classes=0).
 

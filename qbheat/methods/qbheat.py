@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbheat.errors import QBHeatError
+from qbheat.methods import register_method
 from qbheat.methods._recipe import OptimRecipe
 
 if TYPE_CHECKING:
@@ -332,6 +333,7 @@ def resolve_feature_levels(backbone: nn.Module, image_size: int, requested: list
     return [(s, levels[s]) for s in chosen]
 
 
+@register_method("qbheat")
 class QBHeat(nn.Module):
     """QB-Heat pre-training around any timm backbone that has a spatial feature map.
 

@@ -29,11 +29,13 @@ RegularizerFactory = Callable[["PretrainConfig", nn.Module], nn.Module]
 REGULARIZERS: dict[str, RegularizerFactory] = {}
 
 
-def register_regularizer(name: str) -> Callable[[RegularizerFactory], RegularizerFactory]:
-    """Decorator: make ``factory(config, method) -> nn.Module`` available as ``regularizers: [name]``."""
+def register_regularizer(name: str, config: type | None = None) -> Callable[[RegularizerFactory], RegularizerFactory]:
+    """Decorator: make ``factory(config, method) -> nn.Module`` available as ``regularizers: [name]``;
+    ``config``: its options' dataclass, the ``PretrainConfig`` section ``name`` (kept as ``factory.Config``)."""
     def add(factory: RegularizerFactory) -> RegularizerFactory:
         if name in REGULARIZERS and REGULARIZERS[name] is not factory:
             raise ValueError(f"regularizer {name!r} is registered twice")
+        factory.Config = config
         REGULARIZERS[name] = factory
         return factory
     return add

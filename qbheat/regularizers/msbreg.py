@@ -201,6 +201,6 @@ class MSBReg(nn.Module):
             momentum_update_(self.delayed_backbone, self._online[0], self.momentum)
 
 
-@register_regularizer("msbreg")
+@register_regularizer("msbreg", config=MSBRegConfig)
 def build_msbreg(config: "PretrainConfig", method: nn.Module) -> MSBReg:
     return MSBReg(config.msbreg, method)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.manifest import SCHEMA, write_model_card
+from qbheat_contract.card import SCHEMA, write_model_card
 
 SIZE = 32
 LABELS = ["tee", "trouser", "pullover", "dress", "coat"]
@@ -47,7 +47,7 @@ def make_export_dir(folder: Path, with_openvino: bool = True) -> Path:
         import openvino as ov
 
         ov.save_model(ov.convert_model(str(onnx_path)), str(folder / "model.xml"), compress_to_fp16=False)
-        from deploy_targets.fingerprint import sha256_path
+        from qbheat_contract.hashing import artifact_sha256 as sha256_path
         artifacts.append({"format": "openvino", "precision": "fp32", "path": "model.xml",
                           "sha256": sha256_path(folder / "model.xml"), "size_bytes": (folder / "model.bin").stat().st_size,
                           "verified": "parity", "parity": {"max_abs": 2e-7, "cosine": 1.0, "top1_agreement": 1.0}})

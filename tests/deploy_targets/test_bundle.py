@@ -15,11 +15,11 @@ import pytest
 import numpy
 import onnxruntime
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from deploy_targets.bundle import write_bundle
 from deploy_targets.profiles import load_profile
 from deploy_targets.results import validate_document
-from export.manifest import read_model_card
+from qbheat_contract.card import read_model_card
 
 from conftest import SIZE
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from deploy_targets.profiles import RUNTIMES, list_profiles, load_profile
 from deploy_targets.transport import parse_reach
 

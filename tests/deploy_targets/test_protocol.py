@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from deploy_targets.protocol import (ProtocolConfig, expand_options, measure, measure_phase, round_ratios, summarize, sweep,
                                      target_verdict, timed_interleaved, timed_runs, warmup)
 

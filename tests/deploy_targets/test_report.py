@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from deploy_targets.report import build_report, compare, to_markdown
 from deploy_targets.results import SCHEMA, new_document, write_document
 
@@ -122,7 +122,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
 
 
 def test_probe_results_need_their_own_format(tmp_path):
-    from deploy_targets._errors import QBHeatError
+    from qbheat_contract.errors import QBHeatError
     from deploy_targets.report import read_probe
 
     good = tmp_path / "p.json"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from deploy_targets.harness import bench_artifact, check_golden, compare_outputs
 from deploy_targets.protocol import ProtocolConfig
 from deploy_targets.runners import available, format_of, get_runner
@@ -67,7 +67,7 @@ def test_missing_artifact_and_unknown_runtime_are_user_errors(tmp_path):
 def test_bench_rows_carry_fingerprint_golden_and_sweep(export_dir, tiny_model, jpeg_bytes):
     x = np.random.default_rng(2).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
     golden = {"inputs": {"x": x}, "outputs": {"logits": _reference(tiny_model, x)}}
-    from export.manifest import read_model_card
+    from qbheat_contract.card import read_model_card
     card = read_model_card(export_dir)
     art = dict(card["artifacts"][0], abs_path=str(export_dir / "model.onnx"))
     # The profile's 224×224 is only a fallback: the card's size (SIZE), at which the export was verified, wins.

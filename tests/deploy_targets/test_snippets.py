@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from deploy_targets.snippets import kotlin_snippet, swift_snippet, write_snippets
-from export.manifest import read_model_card
+from qbheat_contract.card import read_model_card
 
 
 def test_swift_uses_vision_and_the_labels(export_dir):

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from deploy_targets._errors import QBHeatError
+from qbheat_contract.errors import QBHeatError
 from deploy_targets.transport import (adb_push_argv, adb_shell_argv, execute, parse_reach, remote_run_plan, scp_to_argv,
                                       ssh_argv)
 

@@ -71,7 +71,7 @@ def fashion_probe(path, name: str = "resnet10t", size: int = 32, train: int = 30
     """A probe checkpoint that classifies Fashion-MNIST for real: BatchNorm statistics and a
     least-squares linear head (one-hot targets, ridge 1e-2) from ``train`` training images."""
     from qbheat.data import fashion_mnist
-    from qbheat.evaluation.features import Preprocessing, as_uint8_chw, recalibrate_untracked_batchnorm
+    from qbheat.evaluation.features import ProbePreprocessing as Preprocessing, as_uint8_chw, recalibrate_untracked_batchnorm
     from qbheat.heads import head_inputs
     from qbheat.models import create_model
 

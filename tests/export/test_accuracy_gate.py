@@ -12,9 +12,9 @@ import pytest
 from onnx import numpy_helper
 
 from export.cli import main
-from export.manifest import read_model_card
+from qbheat_contract.card import read_model_card
 from export.localize import SCOPES_KEY
-from qbheat.checkpoint import sha256_file
+from qbheat_contract.hashing import artifact_sha256 as sha256_file
 
 
 def _scale_conv_channels(path: Path, module: str = "backbone.layer2.0.downsample.2") -> str:

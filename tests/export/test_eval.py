@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.cli import main
-from export.manifest import read_model_card
+from qbheat_contract.card import read_model_card
 
 LIMIT = "1500"
 
@@ -31,7 +31,7 @@ def fashion_export(fashion_ckpt, tmp_path_factory):
 def _pytorch_top1(ckpt, images: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 of the checkpoint's backbone + head, computed here without the eval code."""
     from qbheat.checkpoint import build_backbone, load_checkpoint
-    from qbheat.evaluation.features import Preprocessing, as_uint8_chw
+    from qbheat.evaluation.features import ProbePreprocessing as Preprocessing, as_uint8_chw
     from qbheat.heads import head_from_spec, head_inputs
 
     ckpt = load_checkpoint(ckpt)

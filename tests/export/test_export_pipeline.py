@@ -10,8 +10,8 @@ import pytest
 
 from export import backends
 from export.cli import main
-from export.manifest import read_model_card
-from qbheat.checkpoint import sha256_file
+from qbheat_contract.card import read_model_card
+from qbheat_contract.hashing import artifact_sha256 as sha256_file
 
 SIZE = "64"
 
@@ -144,7 +144,7 @@ def _tight_int8(monkeypatch):
     """INT8 held to an FP32-grade cosine: every real INT8 file misses it. (A random-init MobileNetV3 used to
     miss the normal 0.97 by itself; with today's convs-only scope and runtime versions it can pass, so the
     mismatch is made certain by the tolerance, not by hoping the quantisation is bad.)"""
-    from export import parity
+    from qbheat_contract import parity
 
     monkeypatch.setitem(parity.TOLERANCES, "int8", parity.Tolerance(cosine=0.999999, top1=1.0, box_match=1.0, rel_max=None))
 
@@ -231,3 +231,27 @@ def test_a_parity_failure_ends_the_worker_and_leaves_nothing(tmp_path, capsys, m
     assert list(scratch.iterdir()) == []  # the killed worker's temporary Core ML package went with its folder
     children = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
     assert not [pid for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "qbheat-worker"]
+
+
+def test_card_bundle_and_bench_agree_on_every_artifact_hash(classifier_export, tmp_path):
+    """OpenVINO (.xml + .bin) and Core ML (.mlpackage folder): the card's hash is the bundle's (recomputed on
+    the bundled copy) and a bench row's (recomputed from the file when no card is given)."""
+    from deploy_targets.bundle import write_bundle
+    from deploy_targets.harness import bench_artifact
+    from deploy_targets.profiles import load_profile
+    from deploy_targets.protocol import ProtocolConfig
+
+    _, out, _ = classifier_export
+    card = read_model_card(out)
+    by_path = {f"artifacts/{a['path']}": a for a in card["artifacts"]}
+    for profile in ("local-cpu-openvino", "iphone-coreml"):
+        bundle = write_bundle(card, out, load_profile(profile), tmp_path / profile)
+        entries = json.loads((bundle / "bundle.json").read_text())["artifacts"]
+        assert profile.split("-")[-1] in {e["format"] for e in entries}
+        for e in entries:
+            assert e["sha256"] == by_path[e["path"]]["sha256"] == sha256_file(bundle / e["path"])
+    ov = next(a for a in card["artifacts"] if a["format"] == "openvino" and a["precision"] == "fp32")
+    quick = ProtocolConfig(warmup_runs=1, warmup_seconds=0.0, min_runs=2, min_seconds=0.0)
+    rows = bench_artifact({"abs_path": str(out / ov["path"]), "format": "openvino", "precision": "fp32"}, "openvino", quick,
+                          threads=[1], batches=[1], options={}, input_size=(64, 64), target="t")
+    assert rows[0]["fingerprint"]["artifact_sha256"] == rows[0]["artifact"]["sha256"] == ov["sha256"]

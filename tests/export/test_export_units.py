@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from export import backends, parity, worker
+from export import backends, worker
+from qbheat_contract import parity
 from export.cli import main
 from export.recipe import ExportRecipe
 from qbheat.checkpoint import save_checkpoint
@@ -423,7 +424,7 @@ def test_tensorrt_engine_build(tmp_path):
     out = tmp_path / "trt"
     assert cli(["export", "--model", "resnet10t", "--head", "classifier", "--formats", "tensorrt", "--precision", "fp32,fp16,int8",
                 "--image-size", "64", "--out", str(out), "--quiet", "--allow-mismatch"]) == 0
-    from export.manifest import read_model_card
+    from qbheat_contract.card import read_model_card
 
     arts = {a["precision"]: a for a in read_model_card(out)["artifacts"] if a["format"] == "tensorrt"}
     assert set(arts) == {"fp32", "fp16", "int8"} and all(a["verified"] == "parity" for a in arts.values())
@@ -617,7 +618,7 @@ def test_mobileformer_openvino_int8_runs_at_static_batches(tmp_path):
     through the batch size. OpenVINO 2026.4 fails to compile the INT8 IR for a static batch when that
     MatMul's weight is compressed; the export leaves it float and verifies with static shapes."""
     from deploy_targets.runners import get_runner
-    from export.manifest import read_model_card
+    from qbheat_contract.card import read_model_card
     from export.openvino_format import from_onnx, input_independent
 
     out = tmp_path / "mf"
@@ -633,3 +634,20 @@ def test_mobileformer_openvino_int8_runs_at_static_batches(tmp_path):
         assert logits.shape[0] == batch and np.isfinite(logits).all()
     tokens_only = input_independent(from_onnx(out / arts["onnx", "fp32"]["path"], "image", ("logits",), {}), "MatMul", (1, 3, 64, 64))
     assert len(tokens_only) == 1
+
+
+def test_an_unexpected_builder_failure_is_one_sentence_naming_the_format(tmp_path, monkeypatch, capsys):
+    from export import pipeline
+
+    def broken(ctx, precision):
+        raise ValueError("converter exploded\nsecond line")
+
+    monkeypatch.setitem(pipeline.BUILDERS, "onnx", broken)
+    args = ["export", "--quiet", "--model", "resnet10t", "--head", "features", "--formats", "onnx", "--precision", "fp32",
+            "--image-size", "32", "--calibration-count", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "building the onnx fp32 artifact failed (ValueError: converter exploded)" in err and "--debug" in err
+    assert "Traceback" not in err and not (tmp_path / "a").exists()
+    assert main(["--debug", *args, "--out", str(tmp_path / "b")]) == 2
+    assert "Traceback" in capsys.readouterr().err

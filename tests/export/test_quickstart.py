@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from export.cli import main
-from export.manifest import artifact_path, read_model_card
+from qbheat_contract.card import artifact_path, read_model_card
 from qbheat.data import fashion_mnist
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

@@ -8,17 +8,12 @@ import torch
 from qbheat.data import fashion_mnist
 from qbheat.errors import QBHeatError
 from qbheat.evaluation.detection import (DetectionConfig, coco_map, load_coco_split, run_detection)
-from qbheat.evaluation.features import Preprocessing
+from qbheat.evaluation.features import ProbePreprocessing as Preprocessing
 
 needs_fm = pytest.mark.skipif(not fashion_mnist.is_available(), reason="install dataset-fashion-mnist (apt-get) for this test")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @needs_fm

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from qbheat.errors import QBHeatError
-from qbheat.evaluation.features import (FeatureSet, Preprocessing, as_uint8_chw, extract_features, holdout_split,
+from qbheat.evaluation.features import (FeatureSet, ProbePreprocessing as Preprocessing, as_uint8_chw, extract_features, holdout_split,
                                        pool_features, recalibrate_untracked_batchnorm)
 from qbheat.evaluation.knn import knn_predict, run_knn
 from qbheat.evaluation.linear_probe import LinearProbeConfig, fit_linear, run_linear_probe, select_and_fit
@@ -16,13 +16,7 @@ from qbheat.heads import create_head, head_inputs
 from qbheat.models import create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny: one thread avoids the sync overhead of two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _blobs(n, dim, k, sep, seed):

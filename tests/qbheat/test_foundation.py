@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qbheat import _compat
-from qbheat.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from qbheat.checkpoint import load_checkpoint, save_checkpoint
+from qbheat_contract.hashing import artifact_sha256 as sha256_file
 from qbheat.cli import main as qbheat_main
 from qbheat.data import fashion_mnist, samples
 from qbheat.errors import QBHeatError
@@ -83,3 +84,12 @@ def test_sample_images_are_real_and_deterministic():
 def test_cli_reports_user_errors_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "qbheat.cli", "nosuchcommand"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_timm_imports_before_qbheat_in_this_environment():
+    """A newcomer's first line, `import timm`, works in the project's venv: setup's start-up hook runs the
+    torchvision shim before torchvision loads (scripts/torchvision_hook.py)."""
+    code = "import sys, timm; print('torchvision' in sys.modules, timm.__version__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-400:]
+    assert proc.stdout.split()[0] == "True"

@@ -8,9 +8,7 @@ import torch.nn as nn
 from qbheat._compat import nms as greedy_nms
 from qbheat.errors import QBHeatError
 from qbheat.heads import (
-    HEADS,
-    VARIANTS,
-    DeployableModel,
+    HEAD_CLASSES as HEADS,
     DetectorHead,
     TransformerProbe,
     box_iou_pairwise,
@@ -21,6 +19,7 @@ from qbheat.heads import (
     head_inputs,
     head_spec,
 )
+from export.deployable import VARIANTS, DeployableModel
 from qbheat.models import create_model
 
 SIZE = 64

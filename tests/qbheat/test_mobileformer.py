@@ -271,7 +271,7 @@ def test_openvino_f32_round_trip_dynamic_batch(exported_26m):
 def test_fuse_keeps_the_function_and_leaves_the_training_model_alone(name):
     from timm.utils.model import reparameterize_model
 
-    from qbheat.models.mobileformer import LeanFormer, LeanFormerToMobile, LeanMobile, LeanMobileToFormer, SplitDepthwise
+    from qbheat.models.mobileformer_lean import LeanFormer, LeanFormerToMobile, LeanMobile, LeanMobileToFormer, SplitDepthwise
 
     model = _realistic(create_model(name))
     x = torch.randn(3, 3, SMALL, SMALL)
@@ -326,7 +326,7 @@ def test_lean_dynamic_relu_coefficients_without_zero_padding_where_widths_match(
     """Both DyReLUs of a Mobile sub-block get their coefficients from one pass: a grouped 1×1 conv when
     their widths match (no zero weights), a block-diagonal linear layer when they differ; either way the
     (a₁, a₂) pairs equal the training form's, also after a channel reorder (a split conv's output order)."""
-    from qbheat.models.mobileformer import LeanDynamicReLUs
+    from qbheat.models.mobileformer_lean import LeanDynamicReLUs
 
     torch.manual_seed(5)
     token0 = torch.randn(3, 32)

@@ -11,12 +11,7 @@ from qbheat.data import fashion_mnist
 needs_fm = pytest.mark.skipif(not fashion_mnist.is_available(), reason="install dataset-fashion-mnist (apt-get) for this test")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _fails(argv, capsys, needle):
@@ -39,9 +34,10 @@ def test_linear_probe_cli_writes_results_and_an_exportable_probe(tmp_path, capsy
     assert ckpt["head"]["type"] == "linear" and len(ckpt["labels"]) == 10
     assert ckpt["preprocessing"]["input_size"] == [3, 32, 32] and ckpt["preprocessing"]["interpolation"] == "bilinear"
     # the export contract: backbone + head rebuilt from the file give the reported accuracy
-    from qbheat.evaluation.features import Preprocessing, as_uint8_chw
+    from qbheat.evaluation.features import ProbePreprocessing as Preprocessing, as_uint8_chw
     from qbheat.evaluation.sources import classification_data
-    from qbheat.heads import DeployableModel, head_from_spec
+    from export.deployable import DeployableModel
+    from qbheat.heads import head_from_spec
 
     model = DeployableModel(build_backbone(ckpt), head_from_spec(ckpt["head"]))
     pre = Preprocessing.from_dict(ckpt["preprocessing"])

@@ -1,7 +1,7 @@
 """``model_card.json``: the contract between export and everything downstream.
 
 One card describes one export folder. It is plain JSON with a versioned schema; deploy_targets,
-bundles and the mobile snippets read it through ``read_model_card`` and never import torch.
+bundles and the mobile snippets read it through ``read_model_card`` (this module, torch-free: bundles ship it).
 
 Schema ``qbheat.model_card/2`` (keys marked * are required; ``/1`` cards, which lack the accuracy
 keys below, are still read, and a card rewritten by ``qbheat-export eval`` becomes ``/2``)::
@@ -31,7 +31,7 @@ Optional keys written by ``export.pipeline`` (additive; readers may ignore them)
     head.head_type, head.kwargs   the registered head (qbheat.heads) and its constructor arguments
     calibration            {source, count, sha256 of the uint8 images}
     parity_images          {source, count, sha256, batches}
-    parity_tolerances      the tolerance table used (export.parity)
+    parity_tolerances      the tolerance table used (qbheat_contract.parity)
     not_built              [{format, precisions, reason, onnx_check, int8_qdq_check}] requested but impossible here
                            (e.g. TensorRT: its FP32 ONNX source checked against the parser; with INT8, the Q/DQ
                            source checked too and run on ONNX Runtime: {file, notes, check, onnxruntime_parity,

@@ -1,4 +1,8 @@
-"""Parity of an artifact with PyTorch, per output, against one table of tolerances.
+"""Parity of an artifact with a reference, per output, against one table of tolerances.
+
+Export gates every artifact against PyTorch with ``compare``; a bench run or a device bundle checks
+golden outputs with ``check_outputs``. Both use the same table and the same metrics, so what export
+accepted a device accepts too.
 
 Metrics per output (arrays compared as float64): max and mean absolute error, the error relative
 to the reference's largest magnitude, and the cosine similarity of each sample's flattened output
@@ -43,8 +47,9 @@ FORMAT_OVERRIDES: dict[tuple[str, str], Tolerance] = {
 }
 
 
-def tolerance(fmt: str, precision: str) -> Tolerance:
-    return FORMAT_OVERRIDES.get((fmt, precision), TOLERANCES[precision])
+def tolerance(fmt: str | None, precision: str) -> Tolerance:
+    """The tolerance for ``fmt`` at ``precision``; an unknown precision is held to FP32's."""
+    return FORMAT_OVERRIDES.get((fmt, precision), TOLERANCES.get(precision, TOLERANCES["fp32"]))
 
 
 def tolerance_table() -> dict:
@@ -152,3 +157,31 @@ def compare(task: str, variant: str, names: tuple[str, ...], ref: list[np.ndarra
             fails.append(f"box agreement {agreement['box_match']:.2f} < {tol.box_match}")
     result["passed"] = not fails
     return result
+
+
+def check_outputs(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], precision: str, fmt: str | None = None,
+                  override: dict | None = None) -> dict:
+    """Golden-output check: ``got`` against ``expected``, matched by name where the names agree, else by
+    position. Gates the minimum cosine, the relative max error (where the tolerance has one) and, for
+    outputs of more than one column, top-1 agreement; ``override`` replaces fields of the tolerance."""
+    base = asdict(tolerance(fmt, precision))
+    tol = Tolerance(**{**base, **{k: v for k, v in (override or {}).items() if k in base}})
+    got_items = [got[k] for k in expected] if set(expected) <= set(got) else list(got.values())
+    per_output = []
+    for (name, ref), out in zip(expected.items(), got_items):
+        ref = np.asarray(ref)
+        out = np.asarray(out).reshape(ref.shape)
+        stats = error_stats(ref, out)
+        rows = ref.reshape(ref.shape[0], -1), out.reshape(ref.shape[0], -1)
+        top1 = top1_agreement(*rows)
+        ok = stats["finite"] and stats["cosine_min"] >= tol.cosine
+        if tol.rel_max is not None:
+            ok = ok and stats["rel_max"] <= tol.rel_max
+        if rows[0].shape[1] > 1:
+            ok = ok and top1 >= tol.top1
+        per_output.append({"name": name, "max_abs": stats["max_abs"], "mean_abs": stats["mean_abs"],
+                           "cosine": stats["cosine_min"], "top1_agreement": top1, "passed": bool(ok)})
+    worst = min(per_output, key=lambda o: o["cosine"])
+    return {"passed": all(o["passed"] for o in per_output), "max_abs": max(o["max_abs"] for o in per_output),
+            "mean_abs": worst["mean_abs"], "cosine": worst["cosine"], "top1_agreement": worst["top1_agreement"],
+            "tolerance": asdict(tol), "outputs": per_output}

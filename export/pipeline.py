@@ -347,10 +347,9 @@ def _accuracy_gate(ctx: "_Context", artifacts: list[dict], not_built: list[dict]
     if ctx.src["task"] != "classifier":
         raise QBHeatError(f"--eval-data measures classifier heads (top-1 / top-5); this export's head is a {ctx.src['task']}.")
     data = load_eval_set(recipe.eval_data, {"head": {"labels": ctx.src["labels"]}, "preprocessing": ctx.pre.card()}, recipe.eval_limit)
-    ref_scores = evaluate.torch_scores(ctx.reference, data, quiet=ctx.quiet)
-    ctx.eval_scores = (data, ref_scores)
     card = {"artifacts": artifacts}
-    results = evaluate.evaluate_artifacts(ctx.tmp, card, data, ref_scores, quiet=ctx.quiet)
+    ref_scores, results = evaluate.evaluate_all(ctx.tmp, card, data, ctx.reference, quiet=ctx.quiet)
+    ctx.eval_scores = (data, ref_scores)
     over = evaluate.gate(results, card, recipe.max_drop) if recipe.max_drop is not None else []
     ctx.evaluation = evaluate.evaluation_block(data, ref_scores, recipe.max_drop)
     for art in artifacts:
@@ -525,12 +524,12 @@ class _Context:
                 print(f"[export]     {steps_note}", file=sys.stderr, flush=True)
             data = load_eval_set(r.validation_source, {"head": {"labels": self.src["labels"]}, "preprocessing": self.pre.card()},
                                  r.int8_validation_limit)
-            validation = int8_auto.Validation(data, evaluate.torch_scores(self.reference, data, quiet=True))
+            validation = int8_auto.Validation(data, evaluate.torch_scores(self.reference, data, quiet=True, threads=evaluate.THREADS))
             workdir = self.path(".int8_auto", "x").parent
             self.scratch.append(workdir)
 
             def scores_of(fmt: str, path: Path) -> np.ndarray:
-                runner = evaluate.artifact_runner({"format": fmt, "precision": "int8"}, path)
+                runner = evaluate.artifact_runner({"format": fmt, "precision": "int8"}, path, threads=evaluate.THREADS)
                 try:
                     return evaluate.runner_scores(runner, data, quiet=True)
                 finally:
@@ -726,7 +725,7 @@ def _check_tensorrt_qdq(ctx: _Context) -> dict:
         from export import accuracy, evaluate
 
         data, ref_scores = ctx.eval_scores
-        runner = evaluate.artifact_runner({"format": "onnx", "precision": "int8"}, path)
+        runner = evaluate.artifact_runner({"format": "onnx", "precision": "int8"}, path, threads=evaluate.THREADS)
         try:
             scores = evaluate.runner_scores(runner, data, desc="eval tensorrt-style int8 (onnxruntime)", quiet=ctx.quiet)
         finally:

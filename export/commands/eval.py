@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="SOURCE", help="fashion-mnist (its 10k test images) or an ImageFolder tree of class sub-folders")
     p.add_argument("--limit", type=int, help="evaluate on an evenly spaced subset of this many images")
     p.add_argument("--batch-size", type=int, default=64, help="images per run (default 64)")
-    p.add_argument("--threads", type=int, default=0, help="runtime threads (default: the runtime's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per model (default 1: PyTorch runs beside the artifacts, one core each; 0 = each runtime's default)")
     p.add_argument("--checkpoint", metavar="FILE", help="the export's source checkpoint, where it moved (its SHA-256 must match the card)")
     p.add_argument("--max-drop", type=float, metavar="POINTS", help="exit 4 when an artifact loses more top-1 points than this")
     p.add_argument("--out", metavar="JSON", help="also write the evaluation as JSON here")
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate.check_hashes(folder, card)
     data = load_eval_set(args.data, card, args.limit)
     reference, deploy = evaluate.reference_model(card, args.checkpoint)
-    ref_scores = evaluate.torch_scores(reference, data, args.batch_size, args.quiet)
-    results = evaluate.evaluate_artifacts(folder, card, data, ref_scores, args.batch_size, args.threads, args.quiet)
+    ref_scores, results = evaluate.evaluate_all(folder, card, data, reference, args.batch_size, args.threads, args.quiet)
     over = evaluate.gate(results, card, args.max_drop) if args.max_drop is not None else []
     for art, _ in over:  # where the artifact departs from PyTorch: into the card and the message
         results[art["path"]]["divergence"] = evaluate.divergence(folder, art, deploy, data)

@@ -86,7 +86,7 @@ def main() -> int:
         lines += [f"Before/after in this run ({args.rounds} alternating rounds per tree, fastest of each): baseline tree `{b['root']}` "
                   f"{b['wall_s']:.1f} s, this tree {doc['wall_s']:.1f} s: **{b['wall_s'] / doc['wall_s']:.1f}× faster** "
                   f"(ratio {b['ratio_this_to_baseline']:.3f}). Every run: " + "; ".join(
-                      f"{n} {', '.join(f'{r['wall_s']:.1f}' for r in rs)} s" for n, rs in runs.items()) + ".", ""]
+                      n + " " + ", ".join(f"{r['wall_s']:.1f}" for r in rs) + " s" for n, rs in runs.items()) + ".", ""]
     lines += [
              f"PyTorch top-1 {ev['pytorch']['top1']:.2f} %, top-5 {ev['pytorch']['top5']:.2f} %.", "",
              "| artifact | top-1 % | top-5 % | drop top-1 (pts) | 95 % CI |", "|---|---:|---:|---:|---|"]

@@ -59,6 +59,23 @@ def module_groups(onnx_path: str | Path, op_types: list[str], depth: int = MODUL
     return groups
 
 
+def module_nodes(onnx_path: str | Path, modules: list[str], depth: int = MODULE_DEPTH) -> set[str]:
+    """Names of every ONNX node (any op type) created inside ``modules``: what NNCF must leave out so
+    that a float module gets no FakeQuantize at all (NNCF also quantises Add, Multiply and others)."""
+    import onnx
+
+    wanted, found = set(modules), set()
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get(SCOPES_KEY, "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        if module_of(scopes, depth) in wanted:
+            found.add(node.name)
+    return found
+
+
 def node_outputs(onnx_path: str | Path, names: set[str]) -> set[str]:
     """The output tensor names of the ONNX nodes ``names`` (OpenVINO may name an op after them)."""
     import onnx
@@ -170,8 +187,8 @@ class Search:
         chosen = {}
 
         def trial(floats: list[str]) -> dict:
-            names = set(self.float_nodes(floats))
-            ignored = openvino_format.ops_of_onnx_nodes(fp32_model, names | node_outputs(self.fp32, names))
+            names = set(self.float_nodes(floats)) | module_nodes(self.fp32, floats)
+            ignored = openvino_format.ops_of_onnx_nodes(fp32_model, names | node_outputs(self.fp32, names), types=None)
             model = openvino_format.quantize_int8(fp32_model.clone(), self.calib, detector, quiet=quiet, scope=START,
                                                   ignored_names=ignored)
             model.set_rt_info("int8", ["model_info", "precision"])

@@ -91,11 +91,11 @@ def pin_fp32(model, node_names: set[str]) -> list[str]:
     return pinned
 
 
-def ops_of_onnx_nodes(model, node_names: set[str], types: tuple[str, ...] = ("Convolution", "GroupConvolution", "MatMul")) -> list[str]:
-    """Friendly names of the ``types`` ops of ``model`` made from the ONNX nodes (or node outputs) in
-    ``node_names``: OpenVINO names an op after its ONNX node, ``<name>/<part>`` where one node became
-    several, or after the graph output the node produced (``logits``)."""
-    return sorted(op.get_friendly_name() for op in model.get_ops() if op.get_type_name() in types
+def ops_of_onnx_nodes(model, node_names: set[str], types: tuple[str, ...] | None = ("Convolution", "GroupConvolution", "MatMul")) -> list[str]:
+    """Friendly names of the ``types`` ops (None: of any type) of ``model`` made from the ONNX nodes (or
+    node outputs) in ``node_names``: OpenVINO names an op after its ONNX node, ``<name>/<part>`` where
+    one node became several, or after the graph output the node produced (``logits``)."""
+    return sorted(op.get_friendly_name() for op in model.get_ops() if (types is None or op.get_type_name() in types)
                   and (op.get_friendly_name() in node_names or op.get_friendly_name().split("/")[0] in node_names))
 
 

@@ -174,3 +174,37 @@ def test_export_auto_records_the_float_modules_and_the_drop_in_the_card(fashion_
 def auto_groups(out: Path, module: str, auto: dict) -> list[str]:
     """The INT8 nodes of ``module`` in the shipped FP32 file (what the card's float_nodes must list)."""
     return int8_auto.module_groups(out / "onnx" / "model.fp32.onnx", ["Conv", "Gemm", "MatMul"]).get(module, [])
+
+
+def test_openvino_search_leaves_no_fake_quantize_in_a_float_module(tmp_path):
+    import openvino as ov
+
+    from export import openvino_format
+
+    rng = np.random.default_rng(0)
+    fp32 = tmp_path / "model.onnx"
+    wa, wb = _two_layer_model(fp32, rng)
+    val_x = _inputs(rng, 1000)
+    ref = np.maximum(val_x @ wa, 0) @ wb
+    data = types.SimpleNamespace(labels=ref.argmax(1), card=lambda: {"source": "synthetic", "count": len(val_x)})
+
+    def scores_of(fmt, path):  # real runtimes: ONNX Runtime for the ranking, OpenVINO for its own search
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": val_x})[0]
+        return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(val_x)[0]
+
+    assert int8_auto.module_nodes(fp32, ["net.a"]) == {"A", "R"}  # every op of the module, not only its MatMul
+    search = int8_auto.Search(fp32, _inputs(rng, 64), "x", int8_auto.Validation(data, ref), 8.0, scores_of, tmp_path)
+    model = ov.convert_model(str(fp32))
+    q, record = search.openvino(model, tmp_path / "int8.xml", detector=False, quiet=True)
+    assert record["float_modules"] == ["net.a"] and record["openvino_float_ops"] >= 2  # A and its Relu
+    assert record["trials"][0]["drop_top1"] > 50 > 8 >= record["trials"][1]["drop_top1_ci"][1]
+    by_name = {op.get_friendly_name(): op for op in q.get_ops()}
+    def feeds(name):
+        return {i.get_source_output().get_node().get_type_name() for i in by_name[name].inputs()}
+
+    assert "FakeQuantize" not in feeds("A") and "R" in by_name and "FakeQuantize" not in feeds("R")
+    assert any(op.get_type_name() == "FakeQuantize" for op in q.get_ops())  # B is INT8
+    assert openvino_format.ops_of_onnx_nodes(model, {"A"}) == ["A"]

@@ -22,6 +22,7 @@ from qbheat_contract.card import SCHEMA, artifact_path, write_model_card
 from qbheat.errors import QBHeatError
 
 BATCH = 64  # images per run: large enough to amortise per-call overhead, small enough for any runtime's memory
+THREADS = 1  # intra-op threads per model during evaluation (see evaluate_all)
 
 
 def reference_model(card: dict, checkpoint: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -62,14 +63,40 @@ def _bar(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=quiet, leave=False)
 
 
-def torch_scores(model: torch.nn.Module, data: EvalSet, batch: int = BATCH, quiet: bool = False) -> np.ndarray:
-    """N×C class scores of the PyTorch model (its first output)."""
+def torch_scores(model: torch.nn.Module, data: EvalSet, batch: int = BATCH, quiet: bool = False, threads: int = 0) -> np.ndarray:
+    """N×C class scores of the PyTorch model (its first output); ``threads`` > 0 sets PyTorch's
+    intra-op threads for the run (restored after)."""
     out = []
-    with torch.no_grad(), _bar(len(data), "eval pytorch", quiet) as bar:
-        for rows, x in data.batches(batch):
-            out.append(np.asarray(model(torch.from_numpy(x))[0], np.float32))
-            bar.update(rows.stop - rows.start)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), _bar(len(data), "eval pytorch", quiet) as bar:
+            for rows, x in data.batches(batch):
+                out.append(np.asarray(model(torch.from_numpy(x))[0], np.float32))
+                bar.update(rows.stop - rows.start)
+    finally:
+        torch.set_num_threads(before)
     return np.concatenate(out)
+
+
+def evaluate_all(folder: Path, card: dict, data: EvalSet, reference: torch.nn.Module, batch: int = BATCH, threads: int = THREADS,
+                 quiet: bool = False) -> tuple[np.ndarray, dict[str, dict]]:
+    """(PyTorch's scores, ``evaluate_artifacts``' results), PyTorch running beside the artifacts.
+
+    Evaluation is throughput work on batches, so each model gets ``threads`` intra-op threads (default
+    one) and PyTorch runs on a second Python thread while the artifacts run one after another (both
+    release the GIL in their kernels): two cores busy without any runtime's threads waiting on each
+    other at every operator. On the shared 2-core machine, PyTorch's 2-thread run was 8× slower than
+    its 1-thread run (benchmarks/results/eval_cost.md). The set is preprocessed once, before both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in data.batches(batch):  # fills the EvalSet's cache, shared by both threads
+        pass
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-pytorch") as pool:
+        future = pool.submit(torch_scores, reference, data, batch, quiet, threads or 1)
+        results = evaluate_artifacts(folder, card, data, future, batch, threads, quiet)
+        return future.result(), results
 
 
 def artifact_runner(art: dict, path: Path, batch: int = BATCH, threads: int = 0):
@@ -109,9 +136,11 @@ def data_u8(x: np.ndarray, prep: dict) -> np.ndarray:
     return np.clip((x * std + mean) * 255.0, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def evaluate_artifacts(folder: Path, card: dict, data: EvalSet, ref_scores: np.ndarray, batch: int = BATCH, threads: int = 0,
+def evaluate_artifacts(folder: Path, card: dict, data: EvalSet, ref_scores, batch: int = BATCH, threads: int = 0,
                        quiet: bool = False, on_result: Callable[[dict, dict], None] | None = None) -> dict[str, dict]:
-    """``{artifact path: accuracy entry}`` for every artifact of ``card`` (entries of the card's schema)."""
+    """``{artifact path: accuracy entry}`` for every artifact of ``card`` (entries of the card's schema).
+
+    ``ref_scores``: PyTorch's N×C scores, or a future of them (``evaluate_all``)."""
     results = {}
     for art in card["artifacts"]:
         runner = artifact_runner(art, artifact_path(folder, art), batch, threads)
@@ -122,7 +151,8 @@ def evaluate_artifacts(folder: Path, card: dict, data: EvalSet, ref_scores: np.n
                 scores = runner_scores(runner, data, batch, f"eval {art['format']} {art['precision']}", quiet)
             finally:
                 runner.close()
-            results[art["path"]] = accuracy.classification_scores(ref_scores, scores, data.labels)
+            ref = ref_scores.result() if hasattr(ref_scores, "result") else ref_scores
+            results[art["path"]] = accuracy.classification_scores(ref, scores, data.labels)
         if on_result:
             on_result(art, results[art["path"]])
     return results

@@ -91,6 +91,14 @@ def pin_fp32(model, node_names: set[str]) -> list[str]:
     return pinned
 
 
+def ops_of_onnx_nodes(model, node_names: set[str], types: tuple[str, ...] | None = ("Convolution", "GroupConvolution", "MatMul")) -> list[str]:
+    """Friendly names of the ``types`` ops (None: of any type) of ``model`` made from the ONNX nodes (or
+    node outputs) in ``node_names``: OpenVINO names an op after its ONNX node, ``<name>/<part>`` where
+    one node became several, or after the graph output the node produced (``logits``)."""
+    return sorted(op.get_friendly_name() for op in model.get_ops() if (types is None or op.get_type_name() in types)
+                  and (op.get_friendly_name() in node_names or op.get_friendly_name().split("/")[0] in node_names))
+
+
 def save(model, xml_path: str | os.PathLike, compress_to_fp16: bool) -> list[Path]:
     import openvino as ov
 
@@ -99,16 +107,19 @@ def save(model, xml_path: str | os.PathLike, compress_to_fp16: bool) -> list[Pat
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
-def quantize_int8(model, images: np.ndarray, detector: bool, quiet: bool = False, scope: str = "convs"):
+def quantize_int8(model, images: np.ndarray, detector: bool, quiet: bool = False, scope: str = "convs",
+                  ignored_names: list[str] | tuple[str, ...] = ()):
     """NNCF post-training INT8 of ``model`` (an FP32 ov.Model) on ``images`` (N×3×H×W), leaving out the
-    op types of ``export.quantize.INT8_SCOPES[scope]`` (and a detector's decoding math). NNCF's
-    progress bars go to stderr, or nowhere when ``quiet``."""
+    op types of ``export.quantize.INT8_SCOPES[scope]`` (and a detector's decoding math) and the nodes
+    named in ``ignored_names`` (``--int8-scope auto``'s float modules). NNCF's progress bars go to
+    stderr, or nowhere when ``quiet``."""
     import nncf
 
     dataset = nncf.Dataset([images[i:i + 1].astype(np.float32) for i in range(len(images))])
     spec = INT8_SCOPES[scope]
     types = list(dict.fromkeys(spec["openvino_ignored_types"] + (DETECTOR_IGNORED_TYPES if detector else [])))
-    kwargs = {"ignored_scope": nncf.IgnoredScope(types=types, validate=False)} if types else {}
+    kwargs = {"ignored_scope": nncf.IgnoredScope(names=sorted(ignored_names), types=types, validate=False)} \
+        if types or ignored_names else {}
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stderr), \
             _nncf_log_to(devnull if quiet else sys.stderr):  # NNCF's bars and its log both go to stdout by default
         q = nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)

@@ -46,6 +46,7 @@ from qbheat_contract import parity
 from export.calibration import ImageSet, Preprocessing, calibration_and_parity
 from export.deployable import DeployableModel, check_variant
 from qbheat_contract.card import SCHEMA, write_model_card
+from export.quantize import AUTO
 from export.recipe import NEW_HEAD_CLASSES, ExportRecipe
 from qbheat.checkpoint import build_backbone, load_checkpoint
 from qbheat_contract.hashing import artifact_sha256, file_sha256
@@ -379,9 +380,9 @@ def _accuracy_gate(ctx: "_Context", artifacts: list[dict], not_built: list[dict]
     if ctx.src["task"] != "classifier":
         raise QBHeatError(f"--eval-data measures classifier heads (top-1 / top-5); this export's head is a {ctx.src['task']}.")
     data = load_eval_set(recipe.eval_data, {"head": {"labels": ctx.src["labels"]}, "preprocessing": ctx.pre.card()}, recipe.eval_limit)
-    ref_scores = evaluate.torch_scores(ctx.reference, data, quiet=ctx.quiet)
     card = {"artifacts": artifacts}
-    results = evaluate.evaluate_artifacts(ctx.tmp, card, data, ref_scores, quiet=ctx.quiet)
+    ref_scores, results = evaluate.evaluate_all(ctx.tmp, card, data, ctx.reference, quiet=ctx.quiet)
+    ctx.eval_scores = (data, ref_scores)
     over = evaluate.gate(results, card, recipe.max_drop) if recipe.max_drop is not None else []
     ctx.evaluation = evaluate.evaluation_block(data, ref_scores, recipe.max_drop)
     for art in artifacts:
@@ -476,6 +477,10 @@ class _Context:
         self.tensorrt_qdq_notes: list[str] = []  # the quantiser's notes on that file
         self._ov_fp32 = None
         self.evaluation: dict | None = None  # --eval-data: the card's evaluation block
+        self.eval_scores = None  # --eval-data: (EvalSet, PyTorch's scores on it), once the gate has run
+        self.auto = recipe.int8_scope == AUTO
+        self._search = None  # --int8-scope auto: export.int8_auto.Search (built on first use)
+        self.tensorrt_qdq_auto: dict | None = None  # that search's record for the TensorRT-style file
         self.metadata = {
             "qbheat.model_card_schema": SCHEMA, "model": src["name"], "head": src["task"], "head_variant": src["variant"],
             "head_type": getattr(src["head"], "head_type", ""), "labels": json.dumps(src["labels"]),
@@ -530,11 +535,41 @@ class _Context:
             from export.quantize import quantize_onnx_int8
 
             path = self.path("tensorrt", "model.int8.qdq.onnx")
-            self.tensorrt_qdq_notes = quantize_onnx_int8(self.onnx_fp32(), path, self.calib.inputs, "image",
-                                                         self.recipe.int8_scope, style="tensorrt")
+            if self.auto:
+                self.tensorrt_qdq_auto, self.tensorrt_qdq_notes = self.int8_search().onnx(path, "tensorrt")
+                self.tensorrt_qdq_notes = [*self.tensorrt_qdq_notes, _auto_note(self.tensorrt_qdq_auto)]
+            else:
+                self.tensorrt_qdq_notes = quantize_onnx_int8(self.onnx_fp32(), path, self.calib.inputs, "image",
+                                                             self.recipe.int8_scope, style="tensorrt")
             _add_onnx_metadata(path, {**self.metadata, "precision": "int8"})
             self._tensorrt_qdq = path
         return self._tensorrt_qdq
+
+    def int8_search(self):
+        """``--int8-scope auto``'s search (export.int8_auto): validation set, PyTorch's scores on it, module ranking."""
+        if self._search is None:
+            from export import evaluate, int8_auto
+            from export.eval_data import load_eval_set
+
+            r = self.recipe
+            steps_note = f"--int8-scope auto: sensitivity and float modules on {r.validation_source} ({r.int8_validation_limit} images)"
+            if not self.quiet:
+                print(f"[export]     {steps_note}", file=sys.stderr, flush=True)
+            data = load_eval_set(r.validation_source, {"head": {"labels": self.src["labels"]}, "preprocessing": self.pre.card()},
+                                 r.int8_validation_limit)
+            validation = int8_auto.Validation(data, evaluate.torch_scores(self.reference, data, quiet=True, threads=evaluate.THREADS))
+            workdir = self.path(".int8_auto", "x").parent
+            self.scratch.append(workdir)
+
+            def scores_of(fmt: str, path: Path) -> np.ndarray:
+                runner = evaluate.artifact_runner({"format": fmt, "precision": "int8"}, path, threads=evaluate.THREADS)
+                try:
+                    return evaluate.runner_scores(runner, data, quiet=True)
+                finally:
+                    runner.close()
+
+            self._search = int8_auto.Search(self.onnx_fp32(), self.calib.inputs, "image", validation, r.max_drop, scores_of, workdir)
+        return self._search
 
     def ov_fp32(self):
         if self._ov_fp32 is None:
@@ -583,15 +618,28 @@ def _build_onnx(ctx: _Context, precision: str) -> dict:
         from export.quantize import quantize_onnx_int8
 
         path = ctx.path("onnx", "model.int8.onnx")
-        notes += quantize_onnx_int8(ctx.onnx_fp32(), path, ctx.calib.inputs, "image", ctx.recipe.int8_scope)
+        if ctx.auto:
+            auto, quant_notes = ctx.int8_search().onnx(path, "onnxruntime")
+            notes += quant_notes + [_auto_note(auto)]
+        else:
+            notes += quantize_onnx_int8(ctx.onnx_fp32(), path, ctx.calib.inputs, "image", ctx.recipe.int8_scope)
         _add_onnx_metadata(path, {**ctx.metadata, "precision": "int8"})
     if ctx.recipe.simplify and precision != "int8":
         notes += onnx_format.simplify(path, ctx.check.inputs[:2])
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    extra = {"int8_auto": auto} if precision == "int8" and ctx.auto else {}
     return _artifact(ctx, "onnx", precision, [path], opset=next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                     fp32_pinned=pinned, notes=notes)
+                     fp32_pinned=pinned, notes=notes, **extra)
+
+
+def _auto_note(auto: dict) -> str:
+    floats = auto["float_modules"]
+    return (f"--int8-scope auto: {len(floats)} of {auto['modules']} modules kept in float "
+            f"({', '.join(floats) if floats else 'none'}); validation top-1 drop {auto['validation_drop_top1']:+.2f} points "
+            f"(95 % CI {auto['validation_drop_top1_ci'][0]:+.2f} to {auto['validation_drop_top1_ci'][1]:+.2f}) on "
+            f"{auto['validation']['count']} images of {auto['validation']['source']}, budget {auto['budget']:g}")
 
 
 def _add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -620,6 +668,12 @@ def _build_openvino(ctx: _Context, precision: str) -> dict:
             pinned = openvino_format.pin_fp32(model, openvino_format.onnx_nodes_in(ctx.onnx_fp32(), ctx.pinned))
         files = openvino_format.save(model, xml, compress_to_fp16=True)
         notes.append("FP16-compressed weights; compute precision is the device's (parity uses the f32 hint)")
+    elif ctx.auto:
+        model, auto = ctx.int8_search().openvino(ctx.ov_fp32(), xml, ctx.src["task"] == "detector", ctx.quiet)
+        files = openvino_format.save(model, xml, compress_to_fp16=False)
+        notes += [f"NNCF post-training INT8 on {len(ctx.calib.names)} calibration images, scope 'auto' "
+                  f"({auto['openvino_float_ops']} OpenVINO ops in float through NNCF's IgnoredScope)", _auto_note(auto)]
+        return _artifact(ctx, "openvino", precision, files, notes=notes, int8_auto=auto)
     else:
         model = openvino_format.quantize_int8(ctx.ov_fp32().clone(), ctx.calib.inputs, ctx.src["task"] == "detector",
                                               quiet=ctx.quiet, scope=ctx.recipe.int8_scope)
@@ -682,7 +736,8 @@ def _build_tensorrt(ctx: _Context, precision: str) -> dict:
     files = [engine, Path(str(engine) + ".json")] + ([source] if precision == "int8" else [])
     notes.append(f"TensorRT {facts['tensorrt']}, {'strongly' if facts['strongly_typed'] else 'weakly'} typed from "
                  f"{source.name}, profile batch {facts['profile']}; metadata in the sidecar JSON")
-    return _artifact(ctx, "tensorrt", precision, files, fp32_pinned=pinned, notes=notes)
+    extra = {"int8_auto": ctx.tensorrt_qdq_auto} if precision == "int8" and ctx.tensorrt_qdq_auto else {}
+    return _artifact(ctx, "tensorrt", precision, files, fp32_pinned=pinned, notes=notes, **extra)
 
 
 def _check_tensorrt_qdq(ctx: _Context) -> dict:
@@ -695,8 +750,21 @@ def _check_tensorrt_qdq(ctx: _Context) -> dict:
     ctx.scratch.append(path)
     run = onnx_format.runner(path)
     results = {f"batch{b}": _compare(ctx, b, run(ctx.check.inputs[:b]), "onnx", "int8") for b in PARITY_BATCHES}
-    return {"file": path.name, "notes": ctx.tensorrt_qdq_notes, "check": tensorrt_format.check_onnx(path),
-            "onnxruntime_parity": results, "min_cosine": _min_cosine(results), "passed": all(r["passed"] for r in results.values())}
+    out = {"file": path.name, "notes": ctx.tensorrt_qdq_notes, "check": tensorrt_format.check_onnx(path),
+           "onnxruntime_parity": results, "min_cosine": _min_cosine(results), "passed": all(r["passed"] for r in results.values())}
+    if ctx.tensorrt_qdq_auto:
+        out["int8_auto"] = ctx.tensorrt_qdq_auto
+    if ctx.eval_scores is not None:  # --eval-data: the file's top-1 on ONNX Runtime (an INT8 engine's quantisation, up to kernels)
+        from export import accuracy, evaluate
+
+        data, ref_scores = ctx.eval_scores
+        runner = evaluate.artifact_runner({"format": "onnx", "precision": "int8"}, path, threads=evaluate.THREADS)
+        try:
+            scores = evaluate.runner_scores(runner, data, desc="eval tensorrt-style int8 (onnxruntime)", quiet=ctx.quiet)
+        finally:
+            runner.close()
+        out["accuracy"] = accuracy.classification_scores(ref_scores, scores, data.labels)
+    return out
 
 
 BUILDERS = {"onnx": _build_onnx, "openvino": _build_openvino, "coreml": _build_coreml, "tensorrt": _build_tensorrt}

@@ -41,6 +41,8 @@ INT8_SCOPES = {
     "all": {"onnx_op_types": ["Conv", "Gemm", "MatMul"], "openvino_ignored_types": [], "openvino_weight_only_int8": False},
 }
 
+AUTO = "auto"  # --int8-scope auto: INT8_SCOPES' widest, with sensitive modules kept in float (export.int8_auto)
+
 
 # How the Q/DQ nodes are typed. The TensorRT style runs on ONNX Runtime's CPU provider too, but slower:
 # with float biases ONNX Runtime cannot fuse DQ → Conv → Q into an integer convolution (MF-294M at
@@ -71,9 +73,15 @@ class _Reader:
 
 
 def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, images: np.ndarray, input_name: str,
-                       scope: str = "convs", style: str = "onnxruntime") -> list[str]:
+                       scope: str = "convs", style: str = "onnxruntime", exclude: list[str] | tuple[str, ...] = (),
+                       only: list[str] | None = None, calibration_cache: str | os.PathLike | None = None) -> list[str]:
     """Write an INT8 QDQ copy of ``src`` to ``dst``, quantising ``INT8_SCOPES[scope]``'s op types in
-    ``QDQ_STYLES[style]``; return notes (e.g. pre-processing skipped)."""
+    ``QDQ_STYLES[style]``; return notes (e.g. pre-processing skipped).
+
+    ``exclude`` (ONNX node names) stay float; ``only``, when given, are the only nodes quantised
+    (``--int8-scope auto``'s search). ``calibration_cache``: a JSON file of tensor ranges that ONNX
+    Runtime's quantiser writes on the first call and reads on later ones (the search calibrates once).
+    Node names survive ``quant_pre_process``, so the FP32 file's names serve."""
     op_types = INT8_SCOPES[scope]["onnx_op_types"]
     typing = QDQ_STYLES[style]
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -93,8 +101,10 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, images: n
             str(prepared), str(dst), _Reader(input_name, images.astype(np.float32)),
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=getattr(QuantType, typing["activation_type"]),
             weight_type=QuantType.QInt8, op_types_to_quantize=op_types, calibrate_method=CalibrationMethod.MinMax,
-            extra_options=dict(typing["extra_options"]),
+            extra_options=dict(typing["extra_options"]), nodes_to_exclude=list(exclude) or None,
+            nodes_to_quantize=list(only) if only is not None else None,
+            **({"calibration_cache_path": str(calibration_cache)} if calibration_cache is not None else {}),
         )
     notes.append(f"static INT8 QDQ in {style} style (per-channel weights, MinMax on {len(images)} calibration images; "
-                 f"scope {scope!r}: {', '.join(op_types)})")
+                 f"scope {scope!r}: {', '.join(op_types)}" + (f"; {len(exclude)} nodes kept in float" if exclude else "") + ")")
     return notes

@@ -10,7 +10,7 @@ to change. Example recipe::
     formats: [onnx, openvino, coreml]
     precisions: [fp32, fp16, int8]
     calibration: data/calib           # folder of images; default: scikit-image's bundled photos
-    int8_scope: convs                 # convs (default) | all
+    int8_scope: convs                 # convs (default) | all | auto (needs max_drop + eval_data)
     image_size: 224
     out: artifacts/mf294
 """
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from export.deployable import check_variant
-from export.quantize import INT8_SCOPES
+from export.quantize import AUTO, INT8_SCOPES
 from qbheat.errors import QBHeatError
 
 FORMATS = ("onnx", "openvino", "coreml", "tensorrt")
@@ -41,7 +41,9 @@ class ExportRecipe:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])
     calibration: str | None = None  # folder of images; None = scikit-image's bundled photographs
     calibration_count: int = 16  # images used for INT8 calibration and the FP16 guard
-    int8_scope: str = "convs"  # what INT8 quantises, a key of export.quantize.INT8_SCOPES: convs | all
+    int8_scope: str = "convs"  # what INT8 quantises, a key of export.quantize.INT8_SCOPES (convs | all), or auto (export.int8_auto)
+    int8_validation: str | None = None  # auto: labelled images to choose the float modules on (default for fashion-mnist: its training split)
+    int8_validation_limit: int = 5000  # auto: an evenly spaced subset of this many validation images
     image_size: int | None = None  # default: the checkpoint's / model's input size
     out: str | None = None
     allow_mismatch: bool = False  # keep artifacts outside tolerance, recorded in the card
@@ -100,8 +102,8 @@ class ExportRecipe:
             raise QBHeatError(f"--image-size {self.image_size} must be a multiple of 32 (the backbones' largest stride), at least 32.")
         if self.num_classes is not None and self.num_classes < 1:
             raise QBHeatError("--num-classes must be at least 1.")
-        if self.int8_scope not in INT8_SCOPES:
-            raise QBHeatError(f"unknown --int8-scope {self.int8_scope!r}; choose {' or '.join(INT8_SCOPES)}.")
+        if self.int8_scope not in INT8_SCOPES and self.int8_scope != AUTO:
+            raise QBHeatError(f"unknown --int8-scope {self.int8_scope!r}; choose {', '.join(INT8_SCOPES)} or {AUTO}.")
         if self.calibration_count < 1:
             raise QBHeatError("--calibration-count must be at least 1.")
         if self.max_drop is not None and not self.eval_data:
@@ -110,11 +112,34 @@ class ExportRecipe:
             raise QBHeatError("--max-drop must be a non-negative number of points.")
         if self.eval_data and self.eval_data != "fashion-mnist" and not Path(self.eval_data).expanduser().is_dir():
             raise QBHeatError(f"--eval-data {self.eval_data} is neither 'fashion-mnist' nor an existing folder; pass an ImageFolder tree of class sub-folders.")
+        if self.int8_scope == AUTO:
+            self._validate_auto()
         if self.eval_limit is not None and self.eval_limit < 1:
             raise QBHeatError("--eval-limit must be at least 1.")
         if self.max_batch < 4:
             raise QBHeatError("--max-batch must be at least 4 (parity runs a batch of 4).")
         return self
+
+    def _validate_auto(self) -> None:
+        if self.max_drop is None or not self.eval_data:
+            raise QBHeatError("--int8-scope auto needs --max-drop POINTS and --eval-data SOURCE: it keeps modules in float until "
+                              "the measured top-1 drop fits that budget.")
+        if self.int8_validation is None and self.eval_data != "fashion-mnist":
+            raise QBHeatError("--int8-scope auto needs --int8-validation SOURCE (labelled images other than --eval-data's) to "
+                              "choose the float modules on; only --eval-data fashion-mnist has a default (its training split).")
+        if self.int8_validation is not None and self.int8_validation == self.eval_data:
+            raise QBHeatError("--int8-validation must differ from --eval-data: the float modules are chosen on one set and the "
+                              "drop is reported on the other.")
+        if self.int8_validation not in (None, "fashion-mnist", "fashion-mnist-train") and not Path(self.int8_validation).expanduser().is_dir():
+            raise QBHeatError(f"--int8-validation {self.int8_validation} is neither 'fashion-mnist-train' nor an existing folder; "
+                              "pass an ImageFolder tree of class sub-folders.")
+        if self.int8_validation_limit < 1:
+            raise QBHeatError("--int8-validation-limit must be at least 1.")
+
+    @property
+    def validation_source(self) -> str:
+        """Where ``--int8-scope auto`` measures: ``int8_validation``, else Fashion-MNIST's training split."""
+        return self.int8_validation or "fashion-mnist-train"
 
 
 def _split(v) -> list[str]:

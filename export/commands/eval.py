@@ -3,6 +3,7 @@
 Examples:
     qbheat-export eval quickstart_out/export --data fashion-mnist
     qbheat-export eval out/ --data /data/imagenet --limit 5000 --max-drop 1.0
+    qbheat-export eval det_export/ --data runs/fm_canvas       # a detector: COCO mAP on a COCO folder (test, else val split)
 
 Top-1 / top-5 of the export's source model and of each artifact on the labelled set, the drop in
 points with a paired-bootstrap 95 % interval, written into the folder's ``model_card.json``.
@@ -21,10 +22,12 @@ from qbheat_contract.errors import ACCURACY_FAILED as ACCURACY_EXIT
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("export_dir", metavar="EXPORT", help="an export folder holding model_card.json")
-    p.add_argument("--data", required=True, metavar="SOURCE", help="fashion-mnist (its 10k test images) or an ImageFolder tree of class sub-folders")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="classifier: fashion-mnist (its 10k test images) or an ImageFolder tree of class sub-folders; "
+                                                                 "detector: a COCO folder (qbheat detect make-data)")
     p.add_argument("--limit", type=int, help="evaluate on an evenly spaced subset of this many images")
     p.add_argument("--batch-size", type=int, default=64, help="images per run (default 64)")
-    p.add_argument("--threads", type=int, default=0, help="runtime threads (default: the runtime's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per model (default 1: PyTorch runs beside the artifacts, one core each; 0 = each runtime's default)")
     p.add_argument("--checkpoint", metavar="FILE", help="the export's source checkpoint, where it moved (its SHA-256 must match the card)")
     p.add_argument("--max-drop", type=float, metavar="POINTS", help="exit 4 when an artifact loses more top-1 points than this")
     p.add_argument("--out", metavar="JSON", help="also write the evaluation as JSON here")
@@ -46,15 +49,17 @@ def run(args: argparse.Namespace) -> int:
         card = read_model_card(folder)
     except ModelCardError as e:
         raise QBHeatError(f"{e}; pass a folder written by 'qbheat-export export'.") from None
-    if card["head"]["type"] != "classifier":
-        raise QBHeatError(f"eval measures classifier heads (top-1 / top-5); this export's head is a {card['head']['type']}.")
+    if card["head"]["type"] not in ("classifier", "detector"):
+        raise QBHeatError(f"eval measures classifier heads (top-1 / top-5) and detector heads (COCO mAP); this export's head is "
+                          f"a {card['head']['type']}.")
     if args.batch_size < 1 or (args.max_drop is not None and args.max_drop < 0):
         raise QBHeatError("--batch-size must be at least 1 and --max-drop non-negative.")
     evaluate.check_hashes(folder, card)
+    if card["head"]["type"] == "detector":
+        return _run_detection(args, folder, card)
     data = load_eval_set(args.data, card, args.limit)
     reference, deploy = evaluate.reference_model(card, args.checkpoint)
-    ref_scores = evaluate.torch_scores(reference, data, args.batch_size, args.quiet)
-    results = evaluate.evaluate_artifacts(folder, card, data, ref_scores, args.batch_size, args.threads, args.quiet)
+    ref_scores, results = evaluate.evaluate_all(folder, card, data, reference, args.batch_size, args.threads, args.quiet)
     over = evaluate.gate(results, card, args.max_drop) if args.max_drop is not None else []
     for art, _ in over:  # where the artifact departs from PyTorch: into the card and the message
         results[art["path"]]["divergence"] = evaluate.divergence(folder, art, deploy, data)
@@ -67,6 +72,32 @@ def run(args: argparse.Namespace) -> int:
         r = results[art["path"]]
         name = f"{art['format']} {art['precision']} ({art['path']})"
         print(f"qbheat-export: accuracy: {verdict.sentence(name, r['drop_top1_ci'])}{describe(r['divergence'])}.", file=sys.stderr)
+    print(f"model card: {folder / 'model_card.json'}", file=sys.stderr)
+    return ACCURACY_EXIT if over else 0
+
+
+def _run_detection(args: argparse.Namespace, folder: Path, card: dict) -> int:
+    """COCO mAP of a detector export (export.eval_detection); same card, gate and exit codes as classifiers."""
+    from deploy_targets.results import write_text_atomic
+    from export import eval_detection, evaluate
+
+    data = eval_detection.load_detection_set(args.data, card, args.limit)
+    reference, _ = evaluate.reference_model(card, args.checkpoint)
+    ref, results = eval_detection.evaluate(folder, card, data, reference, args.batch_size, args.threads)
+    over = [(art, results[art["path"]]) for art in card["artifacts"]
+            if args.max_drop is not None and results[art["path"]].get("drop_mAP", -1e9) > args.max_drop + 1e-9]
+    for art in card["artifacts"]:
+        r = results[art["path"]]
+        if args.max_drop is not None and "drop_mAP" in r:
+            r["within_budget"] = r["drop_mAP"] <= args.max_drop + 1e-9
+    block = eval_detection.block(data, ref, args.max_drop)
+    evaluate.record(folder, card, block, results)
+    if args.out:
+        write_text_atomic(args.out, json.dumps({"evaluation": block, "artifacts": results}, indent=1) + "\n")
+    print(eval_detection.format_table(card, block))
+    for art, r in over:
+        print(f"qbheat-export: accuracy: {art['format']} {art['precision']} ({art['path']}) loses {r['drop_mAP']:.2f} points of COCO mAP, "
+              f"over the --max-drop budget of {args.max_drop:g} points.", file=sys.stderr)
     print(f"model card: {folder / 'model_card.json'}", file=sys.stderr)
     return ACCURACY_EXIT if over else 0
 

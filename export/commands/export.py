@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from export.quantize import INT8_SCOPES
+from export.quantize import AUTO, INT8_SCOPES
 from export.recipe import ExportRecipe
 from qbheat_contract.errors import ACCURACY_FAILED as ACCURACY_EXIT
 from qbheat_contract.errors import PARITY_FAILED as PARITY_EXIT
@@ -39,8 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="DIR", help="folder of images: the first --calibration-count calibrate FP16/INT8, 4 of the rest check parity "
                         "(default: scikit-image's photos for both)")
     p.add_argument("--calibration-count", type=int, help="calibration images to use (default 16)")
-    p.add_argument("--int8-scope", choices=list(INT8_SCOPES),
-                   help="what INT8 quantises: convs (default; token matmuls, attention and elementwise ops stay float) or all")
+    p.add_argument("--int8-scope", choices=[*INT8_SCOPES, AUTO],
+                   help="what INT8 quantises: convs (default; token matmuls, attention and elementwise ops stay float), all, or auto "
+                        "(all, with the most sensitive modules kept in float until the top-1 drop fits --max-drop; needs --eval-data)")
+    p.add_argument("--int8-validation", metavar="SOURCE",
+                   help="auto: labelled images to choose the float modules on, not --eval-data's (default for fashion-mnist: its training split)")
+    p.add_argument("--int8-validation-limit", type=int, metavar="N", help="auto: evenly spaced validation images to use (default 5000)")
     p.add_argument("--image-size", type=int, help="input size, a multiple of 32 (default: the model's)")
     p.add_argument("--max-batch", type=int, help="largest batch of the dynamic batch dimension (default 64)")
     p.add_argument("--out", metavar="DIR", help="output folder (written atomically)")
@@ -60,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 FIELDS = ("checkpoint", "model", "head", "head_variant", "head_type", "num_classes", "formats", "precisions", "calibration",
-          "calibration_count", "int8_scope", "image_size", "max_batch", "out", "allow_mismatch", "drop_mismatch", "simplify", "overwrite", "parallel",
+          "calibration_count", "int8_scope", "int8_validation", "int8_validation_limit", "image_size", "max_batch", "out", "allow_mismatch", "drop_mismatch", "simplify", "overwrite", "parallel",
           "eval_data", "eval_limit", "max_drop")
 
 

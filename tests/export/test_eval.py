@@ -147,3 +147,28 @@ def test_bench_rows_and_the_report_carry_the_measured_accuracy(fashion_export, t
     md = (tmp_path / "rep" / "report.md").read_text()
     int8 = by_path["onnx/model.int8.onnx"]
     assert "| top-1 % | drop (pts) | peak RSS MB load / run |" in md and f"| {int8['top1']:.2f} | {int8['drop_top1']:+.2f} [" in md
+
+
+def test_the_set_is_preprocessed_once_and_pytorch_beside_the_artifacts_gives_the_sequential_numbers(fashion_export, monkeypatch):
+    from export import eval_data, evaluate
+    from export.eval_data import load_eval_set
+
+    card = read_model_card(fashion_export)
+    data = load_eval_set("fashion-mnist", card, 300)
+    first, again = list(data.batches(64)), list(data.batches(64))
+    assert len(first) == 5 and all(a[1] is b[1] for a, b in zip(first, again))  # kept, not recomputed
+    reference, _ = evaluate.reference_model(card)
+    threads = torch.get_num_threads()
+    seq_ref = evaluate.torch_scores(reference, data, quiet=True, threads=1)
+    assert torch.get_num_threads() == threads  # restored
+    seq = evaluate.evaluate_artifacts(fashion_export, card, data, seq_ref, threads=1, quiet=True)
+    par_ref, par = evaluate.evaluate_all(fashion_export, card, data, reference, quiet=True)
+    np.testing.assert_array_equal(par_ref, seq_ref)
+    assert par == seq and len(par) == len(card["artifacts"])
+    assert torch.get_num_threads() == threads
+
+    monkeypatch.setattr(eval_data, "CACHE_BYTES", 0)  # too large to keep: preprocessed per pass, same values
+    big = load_eval_set("fashion-mnist", card, 300)
+    one, two = list(big.batches(64)), list(big.batches(64))
+    assert all(a[1] is not b[1] and np.array_equal(a[1], b[1]) for a, b in zip(one, two))
+    np.testing.assert_array_equal(one[0][1], first[0][1])

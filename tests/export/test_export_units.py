@@ -182,7 +182,7 @@ def test_recipe_yaml_and_flags_override(tmp_path):
     with pytest.raises(QBHeatError, match="unknown field 'frobnicate'"):
         ExportRecipe.from_yaml(path)
     assert r.int8_scope == "convs" and recipe_from_args(parser.parse_args(["--model", "m", "--out", "o", "--int8-scope", "all"])).int8_scope == "all"
-    with pytest.raises(QBHeatError, match="unknown --int8-scope 'matmuls'; choose convs or all"):
+    with pytest.raises(QBHeatError, match="unknown --int8-scope 'matmuls'; choose convs, all or auto"):
         ExportRecipe(model="m", out="o", int8_scope="matmuls").validate()
 
 

@@ -1,0 +1,213 @@
+"""``--int8-scope auto``: INT8 from the widest scope, with the most sensitive modules kept in float
+until the top-1 drop fits ``--max-drop``.
+
+1. Modules: every quantisable ONNX node (``INT8_SCOPES[START]``'s op types: Conv, Gemm, MatMul)
+   belongs to the module it was created in, cut at ``MODULE_DEPTH`` (the deepest scope of
+   ``pkg.torch.onnx.name_scopes`` with at most that many dots: ``backbone.blocks.3.former``,
+   ``backbone.stem.1``, ``head.fc``), so a Mobile-Former block splits into its mobile, former and
+   bridge parts.
+2. Sensitivity, on the *validation* set (never the reported ``--eval-data``): each module quantised
+   alone (ONNX Runtime QDQ, the rest float), scored by the top-1 flips against PyTorch (points),
+   ties broken by the mean squared logit error. Calibration runs once (ONNX Runtime's range cache).
+3. Greedy, per backend (ONNX Runtime's QDQ file, the TensorRT-style Q/DQ file, OpenVINO through
+   NNCF's ``IgnoredScope`` by node name): float set = the k most sensitive modules, k = 0, 1, ...;
+   stop at the first k whose drop fits. "Fits" is ours: the upper end of the paired-bootstrap 95 %
+   interval of the validation drop is at most the budget, so the reported drop on the test set is
+   unlikely to exceed it. The export's accuracy gate then measures the drop on ``--eval-data``.
+
+NNCF's ``quantize_with_accuracy_control`` was not used: it ranks and reverts NNCF's own quantisers,
+which would leave ONNX Runtime's two files without a float set, and one search should explain all three.
+"""
+from __future__ import annotations
+
+import ast
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from export import accuracy
+from export.localize import SCOPES_KEY
+from export.quantize import AUTO  # noqa: F401  (the --int8-scope value)
+
+START = "all"  # the widest of INT8_SCOPES
+MODULE_DEPTH = 3  # module = the deepest scope with at most this many dots
+
+
+def module_of(scopes: list[str], depth: int = MODULE_DEPTH) -> str | None:
+    """The module a node belongs to, from its name scopes (``['', 'backbone.blocks.1', ..., op]``)."""
+    mods = [s for s in scopes[1:-1] if s and s.count(".") <= depth]
+    return mods[-1] if mods else None
+
+
+def module_groups(onnx_path: str | Path, op_types: list[str], depth: int = MODULE_DEPTH) -> dict[str, list[str]]:
+    """{module: ONNX node names of its ``op_types`` nodes}, in graph order; nodes without scopes go under '(unscoped)'."""
+    import onnx
+
+    groups: dict[str, list[str]] = {}
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.op_type not in op_types:
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get(SCOPES_KEY, "[]"))
+        except (ValueError, SyntaxError):
+            scopes = []
+        groups.setdefault(module_of(scopes, depth) or "(unscoped)", []).append(node.name)
+    return groups
+
+
+def module_nodes(onnx_path: str | Path, modules: list[str], depth: int = MODULE_DEPTH) -> set[str]:
+    """Names of every ONNX node (any op type) created inside ``modules``: what NNCF must leave out so
+    that a float module gets no FakeQuantize at all (NNCF also quantises Add, Multiply and others)."""
+    import onnx
+
+    wanted, found = set(modules), set()
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get(SCOPES_KEY, "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        if module_of(scopes, depth) in wanted:
+            found.add(node.name)
+    return found
+
+
+def node_outputs(onnx_path: str | Path, names: set[str]) -> set[str]:
+    """The output tensor names of the ONNX nodes ``names`` (OpenVINO may name an op after them)."""
+    import onnx
+
+    return {o for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name in names for o in n.output}
+
+
+@dataclass
+class Validation:
+    """The validation images (an ``EvalSet``) with PyTorch's scores on them."""
+
+    data: object  # export.eval_data.EvalSet
+    ref_scores: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.data.labels
+
+    def measure(self, scores: np.ndarray) -> dict:
+        """Top-1 drop against PyTorch (with its interval), top-1 flips (points) and mean squared logit error."""
+        ref_hits, hits = accuracy.topk_hits(self.ref_scores, self.labels, 1), accuracy.topk_hits(scores, self.labels, 1)
+        drop = accuracy.paired_drop(ref_hits, hits)
+        flips = 100.0 * float(np.mean(np.argmax(scores, 1) != np.argmax(self.ref_scores, 1)))
+        mse = float(np.mean((np.asarray(scores, np.float64) - self.ref_scores) ** 2))
+        return {"drop_top1": drop["drop"], "drop_top1_ci": drop["ci"], "flips": round(flips, 4), "logit_mse": mse}
+
+
+def fits(measured: dict, budget: float) -> bool:
+    """Our rule: the upper end of the validation drop's 95 % interval is within the budget."""
+    return measured["drop_top1_ci"][1] <= budget + 1e-9
+
+
+def rank(sensitivity: dict[str, dict]) -> list[str]:
+    """Modules, most sensitive first: more top-1 flips, then larger logit error, then name."""
+    return sorted(sensitivity, key=lambda m: (-sensitivity[m]["flips"], -sensitivity[m]["logit_mse"], m))
+
+
+def greedy(order: list[str] | Callable[[], list[str]], trial: Callable[[list[str]], dict], budget: float) -> tuple[list[str], list[dict]]:
+    """The smallest prefix of ``order`` kept in float whose ``trial`` (a measured dict) fits ``budget``.
+
+    ``order`` may be a function, called only when nothing in float does not fit (the ranking costs a
+    quantisation per module). Returns (float modules, trials); where even all of them in float does
+    not fit, all of them."""
+    trials = []
+    k = 0
+    while True:
+        floats = [] if k == 0 else order[:k]
+        measured = trial(floats)
+        trials.append({"float_modules": k, **{key: measured[key] for key in ("drop_top1", "drop_top1_ci", "flips")}})
+        if fits(measured, budget):
+            return floats, trials
+        if callable(order):
+            order = order()
+        if k == len(order):
+            return list(order), trials
+        k += 1
+
+
+class Search:
+    """One ``--int8-scope auto`` search for an export: modules, validation set, sensitivity ranking (once)."""
+
+    def __init__(self, fp32_onnx: Path, calib: np.ndarray, input_name: str, validation: Validation, budget: float,
+                 scores_of: Callable[[str, Path], np.ndarray], workdir: Path):
+        from export.quantize import INT8_SCOPES
+
+        self.fp32, self.calib, self.input_name, self.val, self.budget = Path(fp32_onnx), calib, input_name, validation, budget
+        self.scores_of = scores_of  # (format, file) → N×C scores on the validation set
+        self.workdir = workdir
+        self.groups = module_groups(self.fp32, INT8_SCOPES[START]["onnx_op_types"])
+        self._order: list[str] | None = None
+        self.sensitivity: dict[str, dict] = {}
+
+    def _quantize(self, dst: Path, style: str, exclude=(), only=None) -> list[str]:
+        from export.quantize import quantize_onnx_int8
+
+        return quantize_onnx_int8(self.fp32, dst, self.calib, self.input_name, START, style, exclude=exclude, only=only,
+                                  calibration_cache=self.workdir / f"ranges.{style}.json")
+
+    def order(self) -> list[str]:
+        """Modules ranked by sensitivity, each quantised alone (ONNX Runtime QDQ style)."""
+        if self._order is None:
+            with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+                self._quantize(Path(tmp) / "all.onnx", "onnxruntime")  # calibrates every tensor once (the range cache)
+                for module, nodes in self.groups.items():
+                    path = Path(tmp) / "one.onnx"
+                    self._quantize(path, "onnxruntime", only=nodes)
+                    self.sensitivity[module] = self.val.measure(self.scores_of("onnx", path))
+            self._order = rank(self.sensitivity)
+        return self._order
+
+    def float_nodes(self, modules: list[str]) -> list[str]:
+        return [n for m in modules for n in self.groups[m]]
+
+    def onnx(self, dst: Path, style: str) -> tuple[dict, list[str]]:
+        """The searched ONNX INT8 file at ``dst`` in ``style``; (card record, quantiser notes)."""
+        notes: list[str] = []
+
+        def trial(floats: list[str]) -> dict:
+            notes[:] = self._quantize(dst, style, exclude=self.float_nodes(floats))
+            return self.val.measure(self.scores_of("onnx", dst))
+
+        floats, trials = greedy(self.order, trial, self.budget)
+        return self.record(floats, trials), notes
+
+    def openvino(self, fp32_model, dst_xml: Path, detector: bool, quiet: bool):
+        """The searched OpenVINO INT8 ov.Model (also saved at ``dst_xml``); (model, card record)."""
+        from export import openvino_format
+
+        chosen = {}
+
+        def trial(floats: list[str]) -> dict:
+            names = set(self.float_nodes(floats)) | module_nodes(self.fp32, floats)
+            ignored = openvino_format.ops_of_onnx_nodes(fp32_model, names | node_outputs(self.fp32, names), types=None)
+            model = openvino_format.quantize_int8(fp32_model.clone(), self.calib, detector, quiet=quiet, scope=START,
+                                                  ignored_names=ignored)
+            model.set_rt_info("int8", ["model_info", "precision"])
+            openvino_format.save(model, dst_xml, compress_to_fp16=False)
+            chosen.update(model=model, ignored=ignored)
+            return self.val.measure(self.scores_of("openvino", dst_xml))
+
+        floats, trials = greedy(self.order, trial, self.budget)
+        record = self.record(floats, trials)
+        record["openvino_float_ops"] = len(chosen["ignored"])
+        return chosen["model"], record
+
+    def record(self, floats: list[str], trials: list[dict]) -> dict:
+        """What the card says of one backend's search."""
+        last = next(t for t in reversed(trials) if t["float_modules"] == len(floats))
+        return {"start_scope": START, "module_depth": MODULE_DEPTH, "budget": self.budget,
+                "rule": "keep the most sensitive modules in float until the upper end of the validation drop's 95 % interval fits the budget",
+                "validation": self.val.data.card(), "modules": len(self.groups),
+                "float_modules": list(floats), "float_nodes": self.float_nodes(floats),
+                "validation_drop_top1": last["drop_top1"], "validation_drop_top1_ci": last["drop_top1_ci"], "trials": trials,
+                "sensitivity": [{"module": m, **{k: self.sensitivity[m][k] for k in ("flips", "drop_top1", "logit_mse")}}
+                                for m in self._order] if self._order is not None else None}

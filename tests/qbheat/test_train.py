@@ -116,7 +116,7 @@ def test_validation_says_what_to_change():
     with pytest.raises(QBHeatError, match="multiple of the 3 processes"):
         PretrainConfig(data="synthetic", batch_size=8).validate(world_size=3)
     with pytest.raises(QBHeatError, match="qbheat.visible_corner"):
-        PretrainConfig(data="synthetic", qbheat=QBHeatConfig(visible_corner="centre")).validate()
+        PretrainConfig(data="synthetic", qbheat=QBHeatConfig(visible_corner="middle")).validate()
 
 
 # --- the CLI: bad input gives one sentence on stderr and exit status 2 ---------------------------

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from export.cli import main
 from export.localize import SCOPES_KEY
-from export.manifest import read_model_card
+from qbheat_contract.card import read_model_card
 SIZE = 64
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -25,7 +25,7 @@ def trained_detector(tmp_path_factory):
     from qbheat.data import fashion_mnist
     from qbheat.data.detection_canvas import write_coco
     from qbheat.evaluation.detection import DetectionConfig, _scale_boxes, extract_multiscale, load_coco_split, train_detector
-    from qbheat.evaluation.features import Preprocessing, recalibrate_untracked_batchnorm
+    from qbheat.evaluation.features import ProbePreprocessing as Preprocessing, recalibrate_untracked_batchnorm
     from qbheat.heads import head_spec
     from qbheat.models import create_model
 
@@ -89,7 +89,7 @@ def test_eval_of_a_detector_gives_the_probe_s_map_and_the_artifact_s_drop(traine
     assert "mAP %" in capsys.readouterr().out
 
     _scale_box_regression(out / art["path"])  # a copy whose box regression is off: the gate names it
-    from qbheat.checkpoint import sha256_file
+    from qbheat_contract.hashing import artifact_sha256 as sha256_file
 
     card["artifacts"][0]["sha256"] = sha256_file(out / art["path"])
     (out / "model_card.json").write_text(__import__("json").dumps(card))

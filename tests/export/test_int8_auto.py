@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export import int8_auto
 from export.cli import main
 from export.localize import SCOPES_KEY
-from export.manifest import read_model_card
+from qbheat_contract.card import read_model_card
 
 
 def _measured(drop: float, half: float = 0.2, flips: float = 0.0) -> dict:

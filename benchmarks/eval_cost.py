@@ -28,9 +28,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from deploy_targets.fingerprint import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from deploy_targets.fingerprint import cpu_model  # noqa: E402
 
 TARGET_S = 60.0
 

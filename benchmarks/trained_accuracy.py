@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODEL, SIZE, BATCH = "mobileformer_micro", 64, 128
 
@@ -44,7 +43,7 @@ def train(work: Path, epochs: float, seed: int = 0) -> Path:
     """The probe checkpoint of a supervised ``mobileformer_micro`` (cached)."""
     import torch
 
-    from benchmarks.repro_fashion_mnist import SupervisedReference
+    from repro_fashion_mnist import SupervisedReference  # benchmarks/repro_fashion_mnist.py
     from qbheat.checkpoint import save_checkpoint
     from qbheat.data import fashion_mnist
     from qbheat.evaluation.features import ProbePreprocessing as Preprocessing

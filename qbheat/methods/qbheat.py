@@ -255,40 +255,50 @@ class PixelDecoder(nn.Module):
         self.norm = _LayerNorm2d(dim)
         self.to_pixels = nn.Conv2d(dim, stride * stride * out_chans, 1)
 
-    def forward(self, latent: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def patches(self, latent: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Each cell's stride×stride×3 patch, B×(3·stride²)×2h×2w in ``F.pixel_unshuffle``'s channel order."""
         x = self.embed(latent)  # B×D×2h×2w
         if self.cond is not None:
             x = x + self.cond(cond.float())[:, :, None, None]
         x = self.blocks(x)
-        return F.pixel_shuffle(self.to_pixels(self.norm(x)), self.stride)  # B×3×H×W
+        return self.to_pixels(self.norm(x))
 
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """B×C×H×W → B×N×(p·p·C), N = (H/p)·(W/p) non-overlapping patches in row-major order."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
+    def forward(self, latent: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return F.pixel_shuffle(self.patches(latent, cond), self.stride)  # B×3×H×W
 
 
 def masked_reconstruction_loss(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, patch: int,
                                norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Mean squared error over masked patches (MAE, He et al. 2021, Eq. in §3 "Reconstruction target").
 
-    pred, image: B×3×H×W; mask: B×1×H×W, True where masked. With ``norm_pix`` the target of each
-    p×p×3 patch is normalised by that patch's mean and variance (MAE's ``norm_pix_loss``). The loss is
-    the mean squared error over masked pixels, which for masks of whole patches is the mean over masked
-    patches of the per-patch mean squared error (the centred block's mask cuts patches at stride 32).
+    pred, image: B×3×H×W; mask: B×1×H×W, True where masked. ``masked_patch_loss`` of the predicted
+    image's patches (the training step skips the pixel shuffle and calls that directly).
     """
-    target = patchify(image.float(), patch)  # B×N×P
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + eps).sqrt()
-    err = (patchify(pred.float(), patch) - target).pow(2)  # B×N×P, P = p·p·C with C fastest
-    b, n, _ = err.shape
-    err = err.reshape(b, n, patch * patch, -1).sum(dim=-1)  # B×N×p² (summed over channels)
-    weight = patchify(mask.float(), patch)  # B×N×p², 1 on masked pixels
-    return (err * weight).sum() / (weight.sum() * pred.shape[1]).clamp(min=1.0)
+    return masked_patch_loss(F.pixel_unshuffle(pred, patch), image, mask, patch, norm_pix, eps)
+
+
+def masked_patch_loss(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, patch: int,
+                      norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """The reconstruction loss on per-cell patch predictions, B×(C·p²)×H/p×W/p (``F.pixel_unshuffle`` order).
+
+    The target is the image unshuffled the same way, so each cell's channels are its p×p×C patch:
+    with ``norm_pix`` it is normalised by that patch's mean and (unbiased) variance (MAE's
+    ``norm_pix_loss``). The loss is the mean squared error over masked pixels, which for masks of
+    whole patches is the mean over masked patches of the per-patch mean squared error (the centred
+    block's mask cuts patches at stride 32). Working in this layout keeps every reduction over one
+    dimension and leaves the pixel shuffle out of the graph: no permuted copies of the prediction,
+    the target or their gradients.
+    """
+    b, c = image.shape[:2]
+    with torch.no_grad():
+        target = F.pixel_unshuffle(image.float(), patch)  # B×(C·p²)×h×w
+        if norm_pix:
+            mean = target.mean(dim=1, keepdim=True)
+            var = target.var(dim=1, keepdim=True)
+            target = (target - mean) / (var + eps).sqrt()
+        weight = F.pixel_unshuffle(mask.float(), patch)  # B×p²×h×w, 1 on masked pixels
+    err = (pred.float() - target).square().reshape(b, c, patch * patch, *pred.shape[-2:]).sum(dim=1)  # B×p²×h×w
+    return (err * weight).sum() / (weight.sum() * c).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,8 +447,8 @@ class QBHeat(nn.Module):
             else:
                 z_h, z_v, z_d = predictor(z, sx, sy)
                 latent = assemble_quarters(z.float(), z_h, z_v, z_d, cy, cx)  # B×C×2h'×2w'
-            recon = decoder(latent, token0)  # B×3×H×W
-            losses.append(masked_reconstruction_loss(recon, x, mask, stride, self.cfg.norm_pix_loss))
+            patches = decoder.patches(latent, token0)  # B×(3·stride²)×h/stride×w/stride
+            losses.append(masked_patch_loss(patches, x, mask, stride, self.cfg.norm_pix_loss))
         out: dict[str, Any] = {"loss": torch.stack(losses).mean()}
         if len(losses) > 1:
             out |= {f"loss_s{s}": l.detach() for s, l in zip(self.feature_strides, losses)}

@@ -226,6 +226,13 @@ class DynamicReLU(nn.Module):
 
     def forward(self, x: torch.Tensor, token0: torch.Tensor) -> torch.Tensor:
         a1, a2 = self.coefficients(token0)
+        if self.training and torch.is_grad_enabled():
+            # The same function as max(a₁x, a₂x), written lo·x + (hi − lo)·ReLU(x) with hi, lo the larger and
+            # smaller slope per channel: its backward is a ReLU mask and products instead of the elementwise
+            # max's masked fills over both full-size products (see benchmarks/pretrain_throughput.py). It
+            # rounds differently in the last bits, so evaluation and export keep the max form.
+            hi, lo = torch.maximum(a1, a2), torch.minimum(a1, a2)
+            return lo * x + (hi - lo) * torch.relu(x)
         return torch.maximum(x * a1, x * a2)
 
 

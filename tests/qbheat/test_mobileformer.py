@@ -199,6 +199,27 @@ def test_dynamic_relu_is_relu_at_neutral_coefficients_and_max_of_two_slopes():
     assert torch.allclose(act(x, z0), torch.maximum(a1 * x, a2 * x), atol=1e-6)
 
 
+def test_dynamic_relu_training_form_is_the_max_form_with_its_gradients():
+    """Training computes lo·x + (hi − lo)·ReLU(x); evaluation (and export) max(a₁x, a₂x): same values and gradients."""
+    torch.manual_seed(3)
+    act = DynamicReLU(channels=6, token_dim=8)
+    nn.init.normal_(act.hyper[2].weight)
+    with torch.no_grad():  # a₁ = 2h₁ and a₂ = 2h₂ − 1: push h₁ down and h₂ up so that a₂ > a₁ occurs too
+        act.hyper[2].bias.copy_(torch.cat([torch.full((6,), -2.0), torch.full((6,), 2.0)]))
+    x, z0, g = torch.randn(4, 6, 5, 5), torch.randn(4, 8), torch.randn(4, 6, 5, 5)
+    grads = {}
+    for mode in ("train", "eval"):
+        getattr(act, mode)()
+        xi, zi = x.clone().requires_grad_(), z0.clone().requires_grad_()
+        y = act(xi, zi)
+        y.backward(g)
+        grads[mode] = (y.detach(), xi.grad, zi.grad)
+    a1, a2 = act.coefficients(z0)
+    assert not torch.equal(a1 >= a2, torch.ones_like(a1, dtype=torch.bool))  # both slope orders occur
+    for got, want in zip(grads["train"], grads["eval"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_mobile_to_former_matches_per_head_reference():
     torch.manual_seed(1)
     bridge = MobileToFormer(channels=8, token_dim=6, num_heads=2).eval()

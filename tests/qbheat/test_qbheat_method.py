@@ -6,11 +6,13 @@ import torch
 from qbheat.errors import QBHeatError
 from qbheat.methods.qbheat import (
     HeatPredictor,
+    PixelDecoder,
     QBHeat,
     QBHeatConfig,
     assemble_quarters,
     centre_block_mask,
     centre_latent,
+    masked_patch_loss,
     masked_reconstruction_loss,
     quarter_block_mask,
     resolve_feature_levels,
@@ -282,3 +284,19 @@ def test_masked_loss_on_pixels_of_a_cut_patch():
     got = masked_reconstruction_loss(pred, img, mask, patch=4, norm_pix=False)
     want = ((pred - img) ** 2)[mask.expand(1, 3, 4, 4)].mean()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("stride,centre", [(4, False), (8, True)])
+def test_patch_loss_of_decoder_patches_equals_loss_of_its_image(stride, centre):
+    """The training step's loss on the decoder's unshuffled patches is the loss on its output image."""
+    torch.manual_seed(5)
+    decoder = PixelDecoder(in_dim=8, dim=16, depth=1, stride=stride)
+    latent, img = torch.randn(3, 8, 4, 4), torch.randn(3, 3, 4 * stride, 4 * stride)
+    size = 4 * stride
+    mask = centre_block_mask(3, size, size, torch.device("cpu")) if centre else \
+        quarter_block_mask(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1]), size, size)
+    for norm in (False, True):
+        want = masked_reconstruction_loss(decoder(latent), img, mask, stride, norm_pix=norm)
+        got = masked_patch_loss(decoder.patches(latent), img, mask, stride, norm_pix=norm)
+        torch.testing.assert_close(got, want)
+        assert got.item() > 0.1

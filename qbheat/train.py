@@ -66,17 +66,19 @@ class Objective(nn.Module):
         return [(name, self.regularizers[name] if name in self.regularizers else getattr(self, name))
                 for name in self._order]
 
+    def _heads(self) -> dict[str, nn.Module | None]:
+        return {name: getattr(self, name, None) for name in names_of("head")}
+
     def addition_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """Checkpoint entries: "regularizers" and one per head addition ({} when it is off)."""
-        heads = {name: getattr(self, name) for name in names_of("head")}
         return {"regularizers": self.regularizers.state_dict(),
-                **{name: head.state_dict() if head is not None else {} for name, head in heads.items()}}
+                **{name: head.state_dict() if head is not None else {} for name, head in self._heads().items()}}
 
     def load_addition_states(self, ckpt: dict[str, Any]) -> None:
         self.regularizers.load_state_dict(ckpt.get("regularizers", {}), strict=True)
-        for name in names_of("head"):
-            if getattr(self, name) is not None:
-                getattr(self, name).load_state_dict(ckpt.get(name, {}), strict=True)
+        for name, head in self._heads().items():
+            if head is not None:
+                head.load_state_dict(ckpt.get(name, {}), strict=True)
 
     def forward(self, batch: list[torch.Tensor]) -> dict[str, Any]:
         out = self.method(batch)

@@ -146,9 +146,9 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
     from qbheat.config import PretrainConfig
 
     try:
-        from qbheat.regularizers import REGULARIZERS
+        from qbheat.additions import ADDITIONS
     except ImportError:
-        REGULARIZERS = {}
+        ADDITIONS = {}
     has_hssl = "hssl" in {f.name for f in __import__("dataclasses").fields(PretrainConfig)}
     # Method settings for this budget (ours): small projector / prototype heads so that the additions
     # cost about what their base method costs at 64 px; everything else is the YAML configs'.
@@ -163,7 +163,7 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
         *(Row(key, f"QB-Heat{', ' + label if label else ''} ({args.model})", "ssl", args.model,
               {"method": "qbheat", **overrides}) for key, (label, overrides) in QBHEAT_VARIANTS.items()),
         Row("mocov2_msbreg", f"MoCo-v2 + MSBReg ({args.model})", "ssl", args.model, msbreg, 8,
-            "msbreg" in REGULARIZERS, "qbheat.regularizers has no 'msbreg'"),
+            "msbreg" in ADDITIONS, "qbheat.additions has no 'msbreg'"),
         Row("qbheat_hssl", f"QB-Heat + HSSL ({args.model})", "ssl", args.model, hssl, 8,
             has_hssl, "PretrainConfig has no hssl section"),
         Row("random_hcnet", f"random init ({args.hcnet_model})", "random", args.hcnet_model, {}, 8),

@@ -6,9 +6,9 @@
 the same keys (sections nested), applies dotted overrides such as ``{"qbheat.decoder_dim": 64}``,
 checks every type, and ``validate()`` reports the first problem as one sentence saying what to change.
 
-The sections' dataclasses belong to the registries (a method's ``Config``, a regularizer's
-``register_regularizer(name, config=...)``, HSSL's ``HSSLConfig``; see ``section_types``): this module
-names the sections but imports no method when it is imported, and no method imports it.
+The sections' dataclasses belong to the registries (each method's and each addition's ``Config``,
+``qbheat.methods.METHODS`` and ``qbheat.additions.ADDITIONS``; see ``section_types``): this module
+names the sections but imports no method or addition when it is imported, and none imports it.
 """
 from __future__ import annotations
 
@@ -23,23 +23,21 @@ from qbheat.errors import QBHeatError
 from qbheat_contract.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:  # the registries own these; config names its sections and never imports a method at import time
-    from qbheat.methods.hssl import HSSLConfig
+    from qbheat.additions.hssl import HSSLConfig
+    from qbheat.additions.msbreg import MSBRegConfig
     from qbheat.methods.mocov2 import MoCoV2Config
     from qbheat.methods.qbheat import QBHeatConfig
-    from qbheat.regularizers.msbreg import MSBRegConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def section_types() -> dict[str, type]:
     """Section name → its config dataclass, from the registries that own them: every method's ``Config``
-    (``qbheat.methods.METHODS``), every regularizer's (``qbheat.regularizers.REGULARIZERS``) and HSSL's."""
+    (``qbheat.methods.METHODS``) and every addition's that has options (``qbheat.additions.ADDITIONS``)."""
+    from qbheat.additions import ADDITIONS
     from qbheat.methods import METHODS
-    from qbheat.methods.hssl import HSSLConfig
-    from qbheat.regularizers import REGULARIZERS
 
-    return {**{name: cls.Config for name, cls in METHODS.items()}, "hssl": HSSLConfig,
-            **{name: factory.Config for name, factory in REGULARIZERS.items() if getattr(factory, "Config", None) is not None}}
+    return {name: cls.Config for name, cls in {**METHODS, **ADDITIONS}.items() if getattr(cls, "Config", None) is not None}
 
 
 def _section(name: str):
@@ -86,8 +84,8 @@ class PretrainConfig:
     resume: str | None = None  # checkpoint path, or "auto" for <out_dir>/last.pt if it exists
     tensorboard: bool = True
     progress: bool = True
-    # composable additions: regularizers (names from qbheat.regularizers.REGULARIZERS, e.g.
-    # ["msbreg"]) and HSSL's auxiliary head (hssl.enabled); both work with either method
+    # composable additions (qbheat.additions.ADDITIONS), with either method: regularizers are listed
+    # here (e.g. ["msbreg"]), heads switched on in their section (hssl.enabled)
     regularizers: list[str] = field(default_factory=list)
     # per-method sections
     qbheat: QBHeatConfig = _section("qbheat")
@@ -99,12 +97,14 @@ class PretrainConfig:
     @property
     def method_label(self) -> str:
         """The method with its additions, as checkpoints record it: "qbheat", "qbheat+hssl", "mocov2+msbreg"."""
-        return "+".join([self.method] + (["hssl"] if self.hssl.enabled else []) + list(self.regularizers))
+        from qbheat.additions import enabled_additions
+
+        return "+".join([self.method] + enabled_additions(self))
 
     def problems(self, world_size: int = 1) -> list[str]:
         """Every problem found, each phrased as what to change."""
+        from qbheat.additions import ADDITIONS, enabled_additions, names_of
         from qbheat.methods import METHODS
-        from qbheat.regularizers import REGULARIZERS
 
         out: list[str] = []
         if self.method not in METHODS:
@@ -143,15 +143,15 @@ class PretrainConfig:
             out.append(f"precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
         if self.num_workers < 0 or self.log_every < 1 or self.ckpt_every < 1 or self.synthetic_size < 1:
             out.append("num_workers must be ≥ 0 and log_every, ckpt_every, synthetic_size ≥ 1")
-        unknown = [r for r in self.regularizers if r not in REGULARIZERS]
+        regularizers = names_of("regularizer")
+        unknown = [r for r in self.regularizers if r not in regularizers]
         if unknown:
-            out.append(f"regularizers {unknown} are unknown; available: {sorted(REGULARIZERS) or 'none yet'}")
+            out.append(f"regularizers {unknown} are unknown; available: {regularizers or 'none yet'}")
         if len(set(self.regularizers)) != len(self.regularizers):
             out.append(f"regularizers lists a name twice: {self.regularizers}")
-        if self.hssl.enabled:
-            out += self.hssl.problems()
-        if "msbreg" in self.regularizers:
-            out += self.msbreg.problems()
+        for name in enabled_additions(self):  # an addition's options are checked only when it is on
+            if name in ADDITIONS and name not in unknown and hasattr(getattr(self, name, None), "problems"):
+                out += getattr(self, name).problems()
         if self.method == "qbheat":
             out += self.qbheat.problems()
         if self.method == "mocov2":

@@ -35,7 +35,8 @@ from qbheat.config import PretrainConfig
 from qbheat.data.build import GlobalStepSampler, batch_iterator, build_pretrain_dataset, view_generator
 from qbheat.errors import QBHeatError
 from qbheat.evaluation.features import ProbePreprocessing
-from qbheat.methods import build_method, build_regularizers, method_class
+from qbheat.additions import ADDITIONS, build_additions, names_of
+from qbheat.methods import build_method, method_class
 from qbheat.methods._recipe import OptimRecipe
 
 
@@ -44,21 +45,40 @@ from qbheat.methods._recipe import OptimRecipe
 # ---------------------------------------------------------------------------------------------
 
 class Objective(nn.Module):
-    """The method plus its additive terms (HSSL's auxiliary head, regularizers): the module DDP wraps.
+    """The method plus its additions (``qbheat.additions``: HSSL's head, regularizers): the module DDP wraps.
 
-    ``out["loss"]`` = method loss + HSSL term + Σ regularizer losses; the method's own loss stays
+    ``out["loss"]`` = method loss + Σ addition losses, in the order given; the method's own loss stays
     available as ``out["method_loss"]``, each addition's as ``out["<name>_loss"]`` and its other
     scalars as ``out["<name>_<key>"]`` (all logged). ``after_step`` updates every momentum state.
+    Regularizers live in ``self.regularizers[name]``, a head addition as ``self.<name>`` (None when off).
     """
 
-    def __init__(self, method: nn.Module, regularizers: nn.ModuleDict | None = None, hssl: nn.Module | None = None):
+    def __init__(self, method: nn.Module, additions: dict[str, nn.Module] | None = None):
         super().__init__()
+        additions = additions or {}
         self.method = method
-        self.hssl = hssl
-        self.regularizers = regularizers if regularizers is not None else nn.ModuleDict()
+        for name in names_of("head"):  # registered before the regularizers: the optimizer's parameter order
+            setattr(self, name, additions.get(name))
+        self.regularizers = nn.ModuleDict({n: t for n, t in additions.items() if ADDITIONS[n].kind == "regularizer"})
+        self._order = list(additions)
 
     def additions(self) -> list[tuple[str, nn.Module]]:
-        return ([("hssl", self.hssl)] if self.hssl is not None else []) + list(self.regularizers.items())
+        return [(name, self.regularizers[name] if name in self.regularizers else getattr(self, name))
+                for name in self._order]
+
+    def _heads(self) -> dict[str, nn.Module | None]:
+        return {name: getattr(self, name, None) for name in names_of("head")}
+
+    def addition_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Checkpoint entries: "regularizers" and one per head addition ({} when it is off)."""
+        return {"regularizers": self.regularizers.state_dict(),
+                **{name: head.state_dict() if head is not None else {} for name, head in self._heads().items()}}
+
+    def load_addition_states(self, ckpt: dict[str, Any]) -> None:
+        self.regularizers.load_state_dict(ckpt.get("regularizers", {}), strict=True)
+        for name, head in self._heads().items():
+            if head is not None:
+                head.load_state_dict(ckpt.get(name, {}), strict=True)
 
     def forward(self, batch: list[torch.Tensor]) -> dict[str, Any]:
         out = self.method(batch)
@@ -83,14 +103,12 @@ class Objective(nn.Module):
 
 
 def build_objective(config: PretrainConfig) -> Objective:
-    """Backbone (timm, num_classes=0) → method → HSSL head (if enabled) → regularizers, on the CPU."""
-    from qbheat.methods.hssl import build_hssl
+    """Backbone (timm, num_classes=0) → method → its additions (HSSL head, regularizers), on the CPU."""
     from qbheat.models import create_model
 
     backbone = create_model(config.model, num_classes=0, **config.model_kwargs)
     method = build_method(config, backbone)
-    hssl = build_hssl(config, method) if config.hssl.enabled else None
-    return Objective(method, build_regularizers(config, method), hssl)
+    return Objective(method, build_additions(config, method))
 
 
 def resolved_recipe(config: PretrainConfig) -> dict[str, Any]:
@@ -314,7 +332,7 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
     np.random.seed(config.seed)
     random.seed(config.seed)
 
-    # model: backbone → method → regularizers, optionally SyncBN, then DDP
+    # model: backbone → method → additions, optionally SyncBN, then DDP
     objective = build_objective(config)
     method = objective.method
     if config.sync_bn and ctx.world_size > 1:
@@ -346,9 +364,7 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
         state = {f"backbone.{k}": v for k, v in ckpt["backbone"].items()} | ckpt["method_state"]
         try:
             method.load_state_dict(state, strict=True)
-            objective.regularizers.load_state_dict(ckpt.get("regularizers", {}), strict=True)
-            if objective.hssl is not None:
-                objective.hssl.load_state_dict(ckpt.get("hssl", {}), strict=True)
+            objective.load_addition_states(ckpt)
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise QBHeatError(f"checkpoint {resume_from} does not fit this configuration ({str(e).splitlines()[0][:160]}); "
@@ -389,8 +405,7 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
                 "backbone": method.backbone.state_dict(),
                 "method": config.method_label,  # "qbheat", or with additions: "qbheat+hssl", "mocov2+msbreg"
                 "method_state": method_state,
-                "regularizers": objective.regularizers.state_dict(),
-                "hssl": objective.hssl.state_dict() if objective.hssl is not None else {},  # the head is not in "backbone"
+                **objective.addition_states(),  # "regularizers", "hssl": the additions are not in "backbone"
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),

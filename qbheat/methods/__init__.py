@@ -1,7 +1,7 @@
 """Self-supervised pre-training methods: the one registry, name → class.
 
 A method is one file whose class registers itself with ``@register_method("name")`` (as heads use
-``@register_head`` and regularizers ``@register_regularizer``) and carries its options as ``Config``,
+``@register_head`` and additions ``@register_addition``) and carries its options as ``Config``,
 which ``qbheat.config.PretrainConfig`` takes as its section ``name``; the file is imported at the end
 of this package.
 
@@ -29,10 +29,9 @@ generator, ``qbheat.data.transforms``), ``recipe``
 State that must survive a resume (queues, momentum encoders) lives in registered buffers and
 submodules.
 
-Additions composed with any method (``qbheat.train.Objective``):
-- regularizers, ``loss = method_loss + Σ reg(out)``: the registry lives in ``qbheat.regularizers``
-  (re-exported here);
-- HSSL's heterogeneous auxiliary head (``qbheat.methods.hssl``), switched on by ``hssl.enabled``.
+Additions composed with any method (``qbheat.train.Objective``) have their own registry of the same
+kind, ``qbheat.additions`` (``@register_addition``): regularizers such as MSBReg, ``loss = method_loss +
+Σ reg(out)``, and HSSL's heterogeneous auxiliary head, switched on by ``hssl.enabled``.
 """
 from __future__ import annotations
 
@@ -74,8 +73,4 @@ def build_method(config: "PretrainConfig", backbone: nn.Module) -> nn.Module:
 from qbheat.methods.mocov2 import MoCoV2  # noqa: E402
 from qbheat.methods.qbheat import QBHeat  # noqa: E402
 
-# one registry for regularizers, kept in qbheat.regularizers; imported last (it imports _momentum)
-from qbheat.regularizers import REGULARIZERS, build_regularizers, register_regularizer  # noqa: E402
-
-__all__ = ["METHODS", "REGULARIZERS", "MoCoV2", "QBHeat", "build_method", "build_regularizers",
-           "method_class", "register_method", "register_regularizer"]
+__all__ = ["METHODS", "MoCoV2", "QBHeat", "build_method", "method_class", "register_method"]

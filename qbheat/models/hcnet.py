@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, DropPath, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, GroupNorm1, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -106,11 +106,6 @@ HCNET_CONFIGS: Dict[str, HcNetConfig] = {
 }
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with one group (normalises over C, H, W), HcNet's only normalisation."""
-    return nn.GroupNorm(1, channels)
-
-
 class HeatConduction(nn.Module):
     """The Heat Conduction (HC) layer: one explicit FDM step u + α·Δt ⊙ Δ_K u.
 
@@ -160,7 +155,7 @@ class RefinementApproximation(nn.Module):
     def __init__(self, channels: int, ratio: float = 4.0, filter_size: int = 3, drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         hidden = int(channels * ratio)
-        self.norm = group_norm(channels)
+        self.norm = GroupNorm1(channels)
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.act = nn.GELU()
         self.filters = nn.Conv2d(hidden, hidden, filter_size, padding=filter_size // 2, groups=hidden, bias=False)
@@ -195,10 +190,10 @@ class HeatStem(nn.Module):
     def __init__(self, in_chans: int, out_chans: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, out_chans // 2, 3, stride=2, padding=1)
-        self.norm1 = group_norm(out_chans // 2)
+        self.norm1 = GroupNorm1(out_chans // 2)
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(out_chans // 2, out_chans, 3, stride=2, padding=1)
-        self.norm2 = group_norm(out_chans)
+        self.norm2 = GroupNorm1(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))  # B×C0×H/4×W/4
@@ -212,7 +207,7 @@ class HcNetStage(nn.Module):
         super().__init__()
         if downsample:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=False), group_norm(out_chans)
+                nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=False), GroupNorm1(out_chans)
             )
         else:
             self.downsample = nn.Identity()
@@ -255,7 +250,7 @@ class HcNet(nn.Module):
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = cfg.widths[-1]
-        self.norm = group_norm(self.num_features)
+        self.norm = GroupNorm1(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         if isinstance(self.head.fc, nn.Linear):
             trunc_normal_(self.head.fc.weight, std=0.02)

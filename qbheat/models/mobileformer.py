@@ -174,15 +174,6 @@ MOBILEFORMER_CONFIGS: Dict[str, MobileFormerConfig] = {
 
 
 # --- small layers -----------------------------------------------------------------------------------
-def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """relu6(x + 3) / 6, the official ``h_sigmoid``."""
-    return F.relu6(x + 3.0) / 6.0
-
-
-def hard_swish(x: torch.Tensor) -> torch.Tensor:
-    return x * hard_sigmoid(x)
-
-
 class ChannelShuffle(nn.Module):
     """ShuffleNet's channel shuffle over ``groups`` groups (official MF-26M, with grouped 1×1 convs)."""
 
@@ -220,7 +211,7 @@ class DynamicReLU(nn.Module):
 
     def coefficients(self, token0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(a₁, a₂), each B×C×1×1, from token 0 (B×d)."""
-        h = hard_sigmoid(self.hyper(token0))  # B×2C
+        h = F.hardsigmoid(self.hyper(token0))  # B×2C: relu6(x + 3) / 6, the official h_sigmoid
         a1, a2 = h.unsqueeze(-1).unsqueeze(-1).split(self.channels, dim=1)
         return (a1 - 0.5) * 2.0 + 1.0, (a2 - 0.5) * 2.0
 
@@ -268,7 +259,7 @@ class MobileToFormer(nn.Module):
         k = x.reshape(b, self.num_heads, c // self.num_heads, h * w)  # B×h×C/h×HW (K = V = X)
         attn = ((q @ k) * self.scale).softmax(dim=-1)  # B×h×T×HW
         out = (attn @ k.transpose(-1, -2)).transpose(1, 2).reshape(b, t, c)  # B×T×C
-        out = out * (hard_sigmoid(self.gate(z)) * 2.0)
+        out = out * (F.hardsigmoid(self.gate(z)) * 2.0)
         return self.norm(z + self.drop_path(self.proj(out)))
 
 
@@ -485,8 +476,8 @@ class MergeClassifier(nn.Module):
         return LeanMergeClassifier(self)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = hard_swish(F.relu6(self.conv(x)).mean(dim=(2, 3)))  # B×6C
-        feats = hard_swish(self.fc_norm(self.fc(torch.cat([pooled, z[:, 0]], dim=1))))  # B×n_f
+        pooled = F.hardswish(F.relu6(self.conv(x)).mean(dim=(2, 3)))  # B×6C
+        feats = F.hardswish(self.fc_norm(self.fc(torch.cat([pooled, z[:, 0]], dim=1))))  # B×n_f
         return feats if pre_logits else self.classifier(self.drop(feats))
 
 

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from qbheat.models.mobileformer import ChannelShuffle, DynamicReLU, Former, FormerToMobile, LiteBottleneck, MergeClassifier, MobileBottleneck, MobileDownsample, MobileToFormer
 
@@ -39,13 +40,13 @@ from qbheat.models.mobileformer import ChannelShuffle, DynamicReLU, Former, Form
 # extra weight traffic cost more than the tiny transposes it saved. The DyReLU hyper-networks' second
 # layers are grouped 1×1 convs where the widths allow (see ``LeanDynamicReLUs``).
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Conv (no bias) followed by eval-mode BN, as one conv with bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    """Conv (no bias) followed by eval-mode BN, as one conv with bias (torch's ``fuse_conv_bn_weights``)."""
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       groups=conv.groups, bias=True)
     with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
     return fused
 
 
@@ -280,8 +281,8 @@ class LeanMergeClassifier(nn.Module):
         self.shuffle = convs[0] if isinstance(convs[0], ChannelShuffle) else nn.Identity()
         self.conv = _fold_bn(convs[-2], convs[-1])
         bn = m.fc_norm
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        self.fc = _linear(m.fc.weight * scale[:, None], (m.fc.bias - bn.running_mean) * scale + bn.bias)
+        self.fc = _linear(*fuse_linear_bn_weights(m.fc.weight, m.fc.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias))
         self.num_features = m.num_features
         self.classifier = m.classifier
 

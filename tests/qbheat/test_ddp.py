@@ -21,11 +21,11 @@ from torch import nn
 from qbheat import distributed
 from qbheat.checkpoint import load_checkpoint
 from qbheat.config import PretrainConfig
-from qbheat.methods import REGULARIZERS
-from qbheat.methods.hssl import HSSLConfig
+from qbheat.additions import ADDITIONS, register_addition
+from qbheat.additions.hssl import HSSLConfig
+from qbheat.additions.msbreg import MSBRegConfig
 from qbheat.methods.mocov2 import MoCoV2Config
 from qbheat.methods.qbheat import QBHeatConfig
-from qbheat.regularizers.msbreg import MSBRegConfig
 from qbheat.train import build_objective, pretrain, wrap_ddp
 
 WORLD = 2
@@ -43,9 +43,13 @@ class GlobalSpread(nn.Module):
         z = distributed.all_gather_with_grad(out["embeddings"][0])  # (W·b)×F
         return {"loss": 0.5 * (z - z.mean(dim=0)).pow(2).sum(dim=1).mean()}
 
+    @classmethod
+    def from_config(cls, config, method):
+        return cls()
+
 
 def _with_spread():
-    REGULARIZERS["global_spread"] = lambda config, method: GlobalSpread()
+    register_addition("global_spread")(GlobalSpread)
 
 
 def _grad_cfg(method):
@@ -108,7 +112,7 @@ def ddp_dir(tmp_path_factory):
 def spread():
     _with_spread()
     yield
-    REGULARIZERS.pop("global_spread", None)
+    ADDITIONS.pop("global_spread", None)
 
 
 @pytest.mark.parametrize("method", ["qbheat", "mocov2"])

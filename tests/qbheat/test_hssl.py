@@ -12,7 +12,7 @@ from qbheat.checkpoint import build_backbone, load_checkpoint
 from qbheat.commands.pretrain import add_arguments, overrides_from_args
 from qbheat.config import PretrainConfig
 from qbheat.errors import QBHeatError
-from qbheat.methods.hssl import (
+from qbheat.additions.hssl import (
     HSSL,
     AttentionBlock,
     ConvNeXtBlock,

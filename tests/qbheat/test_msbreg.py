@@ -12,8 +12,8 @@ from qbheat.errors import QBHeatError
 from qbheat.methods.mocov2 import MoCoV2, MoCoV2Config
 from qbheat.methods.qbheat import QBHeat, QBHeatConfig
 from qbheat.models import create_model
-from qbheat.regularizers import REGULARIZERS
-from qbheat.regularizers.msbreg import (
+from qbheat.additions import ADDITIONS
+from qbheat.additions.msbreg import (
     MSBReg,
     MSBRegConfig,
     brownian_diffusive_loss,
@@ -213,7 +213,7 @@ def test_cli_and_yaml_reach_msbreg(tmp_path):
     assert over["regularizers"] == ["msbreg"]
     with pytest.raises(QBHeatError, match="msbreg.norm"):
         PretrainConfig(data="synthetic", regularizers=["msbreg"], msbreg=MSBRegConfig(norm="group")).validate()
-    assert "msbreg" in REGULARIZERS
+    assert "msbreg" in ADDITIONS
 
 
 def test_objective_adds_msbreg_to_the_method_loss():

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbheat import distributed
+from qbheat.additions import register_addition
 from qbheat.errors import QBHeatError
 from qbheat.methods._momentum import momentum_at, momentum_copy, momentum_update_
-from qbheat.regularizers import register_regularizer
 
 if TYPE_CHECKING:
     from qbheat.config import PretrainConfig
@@ -146,6 +146,7 @@ def byol_mlp(in_dim: int, hidden_dim: int, out_dim: int, norm: str) -> nn.Sequen
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), layer, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
+@register_addition("msbreg")  # a regularizer: switched on by ``regularizers: [msbreg]``
 class MSBReg(nn.Module):
     """The MSBReg regularizer for any method (see the module docstring).
 
@@ -153,6 +154,8 @@ class MSBReg(nn.Module):
     ``out["momentum_embeddings"]`` or, through its own delayed backbone, ``out["target_inputs"]``.
     Returns {"loss" (weighted sum), "centroid", "singular_value", "brownian"} (terms unweighted).
     """
+
+    Config = MSBRegConfig
 
     def __init__(self, cfg: MSBRegConfig, method: nn.Module):
         super().__init__()
@@ -169,6 +172,10 @@ class MSBReg(nn.Module):
         self._online = (method.backbone, method.features)
         self.delayed_backbone = None if self.uses_method_momentum else momentum_copy(method.backbone)
         self.momentum = cfg.momentum
+
+    @classmethod
+    def from_config(cls, config: "PretrainConfig", method: nn.Module) -> "MSBReg":
+        return cls(config.msbreg, method)
 
     def _targets(self, out: dict[str, Any]) -> list[torch.Tensor]:
         """Delayed-encoder pooled features, one B×F per target view, without gradients."""
@@ -199,8 +206,3 @@ class MSBReg(nn.Module):
         momentum_update_(self.target_projector, self.projector, self.momentum)
         if self.delayed_backbone is not None:
             momentum_update_(self.delayed_backbone, self._online[0], self.momentum)
-
-
-@register_regularizer("msbreg", config=MSBRegConfig)
-def build_msbreg(config: "PretrainConfig", method: nn.Module) -> MSBReg:
-    return MSBReg(config.msbreg, method)

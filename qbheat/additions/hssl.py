@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qbheat import distributed
+from qbheat.additions import register_addition
 from qbheat.errors import QBHeatError
 from qbheat.methods._momentum import momentum_at, momentum_copy, momentum_update_
 
@@ -258,6 +259,7 @@ def _heads_for(dim: int) -> int:
 # The additive HSSL term.
 # ---------------------------------------------------------------------------------------------
 
+@register_addition("hssl", kind="head")  # switched on by ``hssl.enabled``
 class HSSL(nn.Module):
     """HSSL's auxiliary head, projections, prototypes and EMA teacher around a method (see module doc).
 
@@ -266,6 +268,7 @@ class HSSL(nn.Module):
     State that resumes: the teacher, ``center`` and ``progress`` (buffers).
     """
 
+    Config = HSSLConfig
     center: torch.Tensor
     progress: torch.Tensor
 
@@ -300,6 +303,10 @@ class HSSL(nn.Module):
         # Not submodules: the method owns them (a tuple keeps nn.Module from registering them).
         self._online = (backbone, method.features)
         self.momentum = cfg.momentum
+
+    @classmethod
+    def from_config(cls, config: "PretrainConfig", method: nn.Module) -> "HSSL":
+        return cls(config.hssl, method, config.image_size)
 
     @staticmethod
     @torch.no_grad()
@@ -364,7 +371,3 @@ class HSSL(nn.Module):
         momentum_update_(self.teacher_aux_head, self.aux_head, self.momentum)
         momentum_update_(self.teacher_aux_projector, self.aux_projector, self.momentum)
         momentum_update_(self.teacher_prototypes, self.prototypes, self.momentum)
-
-
-def build_hssl(config: "PretrainConfig", method: nn.Module) -> HSSL:
-    return HSSL(config.hssl, method, config.image_size)

@@ -1,26 +1,29 @@
-"""Pre-training throughput with data loading included: the trainer's batched pipeline vs the per-image one.
+"""Pre-training throughput with data loading included: the trainer as it is vs the trainer before issue 19.
 
 What is timed is whole training steps as ``qbheat pretrain`` runs them: fetch a batch, make the
 method's views, forward, backward, clip, optimizer and schedule step, ``after_step``. Images/s =
-batch × steps / wall time of the loop. Two data pipelines feed the same ``qbheat.train.training_step``:
+batch × steps / wall time of the loop. Both feed the same ``qbheat.train.training_step``:
 
-- **per-image** (the trainer up to issue 19, kept here as the reference): a DataLoader with
-  ``--workers`` processes (2, as the quickstart ran) where each image goes through torchvision
-  ``transforms.v2`` (RandomResizedCrop, flip; MoCo-v2 adds jitter, greyscale, blur) in a forked,
-  per-image-seeded RNG;
-- **batched** (``qbheat.data``): Fashion-MNIST held as one uint8 tensor, one gather per step, and
-  the method's view augmentation applied to the whole batch (``qbheat.data.transforms``).
+- **reference** (the trainer up to issue 19, kept here): a DataLoader with ``--workers`` processes
+  (2, as the quickstart ran) where each image goes through torchvision ``transforms.v2``
+  (RandomResizedCrop, flip; MoCo-v2 adds jitter, greyscale, blur) in a forked, per-image-seeded RNG;
+  contiguous (NCHW) weights and views; DyReLU as ``max(a₁x, a₂x)`` in training too; QB-Heat's loss on
+  the pixel-shuffled image, patchified again (``reference_compute``);
+- **now** (``qbheat.data`` and the trainer's defaults): Fashion-MNIST held as one uint8 tensor, one
+  gather per step, the method's view augmentation applied to the whole batch (``qbheat.data.transforms``),
+  channels-last weights and views, DyReLU's training form and QB-Heat's loss on the decoder's patches.
 
-Both run the same method configuration (``--qbheat-strides``; default 16, the pre-issue-19 default,
-so the ratio measures the pipeline alone), and the batched pipeline also runs QB-Heat's new default
-(strides 16 and 32, every part trained), reported beside it. Pipelines alternate round by round so
-that machine drift hits both; the result is the ratio of median images/s over rounds.
+A third row, "batched data, reference compute", splits the gain into data loading and compute. Both
+run the same method configuration (``--qbheat-strides``; default 16, the pre-issue-19 default), and
+QB-Heat's new default (strides 16 and 32, every part trained) is reported beside them. Configurations
+alternate round by round so that machine drift hits all; ratios are of median images/s over rounds.
 
 Run:  .venv/bin/python benchmarks/pretrain_throughput.py        (writes benchmarks/results/pretrain_throughput.{json,md})
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -31,9 +34,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import qbheat  # noqa: F401  (torchvision shim before timm)
+import qbheat.methods.qbheat as qbheat_method
 from deploy_targets.fingerprint import cpu_model
+from qbheat.models.mobileformer import DynamicReLU
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,6 +82,42 @@ class PerImageViews(torch.utils.data.Dataset):
             return tuple(self.transform(image) for _ in range(self.views))
 
 
+# --- the compute of the trainer before issue 19 ---------------------------------------------------------
+def _reference_patch_loss(patches, image, mask, patch, norm_pix=True, eps=1e-6):
+    """QB-Heat's loss as it was: pixel-shuffle the decoder's patches into an image, then patchify it,
+    the target and the mask again (B×N×P, permuted copies) and take the masked mean there."""
+    def patchify(x):
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+    pred = F.pixel_shuffle(patches, patch)
+    target = patchify(image.float())
+    if norm_pix:
+        target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + eps).sqrt()
+    err = (patchify(pred.float()) - target).pow(2)
+    b, n, _ = err.shape
+    err = err.reshape(b, n, patch * patch, -1).sum(dim=-1)
+    weight = patchify(mask.float())
+    return (err * weight).sum() / (weight.sum() * pred.shape[1]).clamp(min=1.0)
+
+
+def _reference_dyrelu(self, x, token0):
+    a1, a2 = self.coefficients(token0)
+    return torch.maximum(x * a1, x * a2)
+
+
+@contextlib.contextmanager
+def reference_compute():
+    """The model and loss code of the trainer before issue 19, for the reference rows only."""
+    saved = DynamicReLU.forward, qbheat_method.masked_patch_loss
+    DynamicReLU.forward, qbheat_method.masked_patch_loss = _reference_dyrelu, _reference_patch_loss
+    try:
+        yield
+    finally:
+        DynamicReLU.forward, qbheat_method.masked_patch_loss = saved
+
+
 # --- one pipeline, timed ------------------------------------------------------------------------------
 def build(method: str, strides: list[int], args):
     from qbheat.config import load_config
@@ -114,23 +156,30 @@ def batches(pipeline: str, cfg, method_cls, args, start: int):
             yield list(make_views(images, view_generator(0, step, device)))
 
 
-def measure(method: str, pipeline: str, strides: list[int], args) -> list[float]:
-    """Images/s of each round (``--steps`` steps after ``--warmup`` untimed ones), one fresh model."""
+def measure(method: str, pipeline: str, compute: str, strides: list[int], args) -> float:
+    """Images/s of ``--steps`` steps after ``--warmup`` untimed ones, one fresh model."""
     from qbheat.methods import method_class
     from qbheat.train import training_step
 
     cfg, objective, optimizer, scheduler, recipe = build(method, strides, args)
+    fmt = torch.channels_last if compute == "now" and cfg.channels_last else torch.contiguous_format
+    objective.to(memory_format=fmt)  # as the trainer does
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = [p for p in objective.parameters() if p.requires_grad]
     it = batches(pipeline, cfg, method_class(method), args, 0)
-    for _ in range(args.warmup):
-        training_step(objective, objective, next(it), optimizer, scaler, scheduler, params,
+
+    def step():
+        views = [v.contiguous(memory_format=fmt) for v in next(it)]
+        training_step(objective, objective, views, optimizer, scaler, scheduler, params,
                       grad_clip=recipe["grad_clip"], amp_dtype=None, progress=0.5)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        training_step(objective, objective, next(it), optimizer, scaler, scheduler, params,
-                      grad_clip=recipe["grad_clip"], amp_dtype=None, progress=0.5)
-    return args.steps * args.batch_size / (time.perf_counter() - t0)
+
+    with reference_compute() if compute == "reference" else contextlib.nullcontext():
+        for _ in range(args.warmup):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> dict:
@@ -148,26 +197,32 @@ def main(argv=None) -> dict:
     p.add_argument("--results-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # (method, data pipeline, compute, QB-Heat strides)
     configs = []
     for m in args.methods:
-        configs += [(m, "per_image", args.qbheat_strides), (m, "batched", args.qbheat_strides)]
+        configs += [(m, "per_image", "reference", args.qbheat_strides), (m, "batched", "reference", args.qbheat_strides),
+                    (m, "batched", "now", args.qbheat_strides)]
         if m == "qbheat" and args.qbheat_strides != [16, 32]:
-            configs.append((m, "batched", [16, 32]))
+            configs.append((m, "batched", "now", [16, 32]))
+    names = {("per_image", "reference"): "before issue 19", ("batched", "reference"): "batched data, reference compute",
+             ("batched", "now"): "now"}
     samples: dict[str, list[float]] = {}
-    label = lambda m, pl, s: f"{m} {pl}" + (f" strides {s}" if m == "qbheat" else "")  # noqa: E731
+    label = lambda m, pl, c, s: f"{m} {names[pl, c]}" + (f" strides {s}" if m == "qbheat" else "")  # noqa: E731
     for r in range(args.rounds):
         order = configs if r % 2 == 0 else configs[::-1]
-        for m, pl, s in order:
-            v = measure(m, pl, s, args)
-            samples.setdefault(label(m, pl, s), []).append(v)
-            print(f"round {r}: {label(m, pl, s)}: {v:.0f} img/s", file=sys.stderr, flush=True)
+        for m, pl, c, s in order:
+            v = measure(m, pl, c, s, args)
+            samples.setdefault(label(m, pl, c, s), []).append(v)
+            print(f"round {r}: {label(m, pl, c, s)}: {v:.0f} img/s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     ratios = {}
     for m in args.methods:
-        ratios[f"{m}: batched / per-image"] = med[label(m, "batched", args.qbheat_strides)] / med[label(m, "per_image", args.qbheat_strides)]
+        before = med[label(m, "per_image", "reference", args.qbheat_strides)]
+        ratios[f"{m}: now / before issue 19"] = med[label(m, "batched", "now", args.qbheat_strides)] / before
+        ratios[f"{m}: batched data only / before"] = med[label(m, "batched", "reference", args.qbheat_strides)] / before
     if "qbheat" in args.methods and args.qbheat_strides != [16, 32]:
-        ratios["qbheat: batched strides [16, 32] / per-image strides " + str(args.qbheat_strides)] = \
-            med[label("qbheat", "batched", [16, 32])] / med[label("qbheat", "per_image", args.qbheat_strides)]
+        ratios[f"qbheat: now with strides [16, 32] / before issue 19 with strides {args.qbheat_strides}"] = \
+            med[label("qbheat", "batched", "now", [16, 32])] / med[label("qbheat", "per_image", "reference", args.qbheat_strides)]
     result = {
         "schema": "qbheat.bench.pretrain_throughput/1",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -190,7 +245,7 @@ def main(argv=None) -> dict:
              "| configuration | images/s per round | median |", "|---|---|---|"]
     lines += [f"| {k} | {', '.join(f'{x:.0f}' for x in v)} | {med[k]:.0f} |" for k, v in samples.items()]
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.2f}× | ≥ {TARGET}× |" for k, v in ratios.items()]
+    lines += [f"| {k} | {v:.2f}× | {'–' if 'only' in k else f'≥ {TARGET}×'} |" for k, v in ratios.items()]
     atomic_write_bytes(d / "pretrain_throughput.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     return result

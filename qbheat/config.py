@@ -78,6 +78,7 @@ class PretrainConfig:
     device: str = "auto"
     seed: int = 0
     sync_bn: bool = False  # SyncBatchNorm across processes (NCCL/GPU only)
+    channels_last: bool = True  # NHWC weights and views: convolutions skip layout reorders (pretrain_throughput.py)
     log_every: int = 20
     ckpt_every: int = 500
     out_dir: str = "runs/pretrain"

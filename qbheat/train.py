@@ -340,7 +340,8 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
             raise QBHeatError("sync_bn needs GPUs (SyncBatchNorm has no CPU kernel); set sync_bn: false on the CPU.")
         objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
         method = objective.method
-    objective.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    objective.to(device, memory_format=memory_format)
     recipe = resolved_recipe(config)
     optimizer = build_optimizer(objective, recipe)
 
@@ -435,8 +436,9 @@ def _pretrain(config: PretrainConfig, ctx: distributed.DistContext) -> Path:
             t0 = time.perf_counter()
             images = _next_batch(batches).to(device, non_blocking=True)  # uint8 b×3×h×w
             # views, each b×3×S×S: this rank's rows of the global batch's augmentation draws
-            batch = list(make_views(images, view_generator(config.seed, step, device),
-                                    rank * sampler.local_batch, config.batch_size))
+            batch = [v.contiguous(memory_format=memory_format) for v in
+                     make_views(images, view_generator(config.seed, step, device), rank * sampler.local_batch,
+                                config.batch_size)]
 
             lr = scheduler.get_last_lr()[0]
             out, grad_norm = training_step(model, objective, batch, optimizer, scaler, scheduler, params,

@@ -76,6 +76,26 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in split_rows] == [r["loss"] for r in whole_rows]
 
 
+def test_channels_last_is_a_layout_not_a_different_run(tmp_path):
+    """The default NHWC weights and views give the NCHW run's losses and weights (to float rounding)."""
+    nhwc = load_checkpoint(pretrain(_resume_cfg(tmp_path / "nhwc", model="mobileformer_micro", steps=3,
+                                                 model_kwargs={})))
+    nchw = load_checkpoint(pretrain(_resume_cfg(tmp_path / "nchw", model="mobileformer_micro", steps=3,
+                                                 model_kwargs={}, channels_last=False)))
+    assert PretrainConfig().channels_last
+    conv = next(k for k, v in nhwc["backbone"].items() if v.dim() == 4)
+    assert nhwc["backbone"][conv].is_contiguous(memory_format=torch.channels_last)
+    assert nchw["backbone"][conv].is_contiguous()
+    # AdamW moves every weight by up to lr = 1e-3 per step whatever its gradient's size, so rounding
+    # differences can show at that scale; a wrong layout would differ at the weights' own scale
+    for k, v in nchw["backbone"].items():
+        torch.testing.assert_close(nhwc["backbone"][k], v, rtol=0, atol=5e-4, msg=f"backbone.{k}")
+    rows = list(zip(_rows(tmp_path / "nhwc"), _rows(tmp_path / "nchw")))
+    assert len(rows) == 3
+    for a, b in rows:
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
+
+
 def test_warmup_cosine_schedule():
     s = WarmupCosine(total_steps=110, warmup_steps=10, floor=0.1)
     assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)

@@ -27,11 +27,12 @@ from qbheat_contract.card import SCHEMA
 from qbheat_contract.hashing import artifact_sha256, file_sha256
 
 
-@dataclass
+@dataclass(slots=True)
 class ExportContext:
     """One export's inputs (the recipe, the loaded source, the models before and after
     reparameterisation, the ExportedProgram, calibration and parity images, PyTorch's reference
-    outputs per parity batch, the FP16 guard, the temporary output folder) and its shared state."""
+    outputs per parity batch, the FP16 guard, the temporary output folder) and its shared state.
+    Every field is declared here (``slots``: setting any other attribute raises)."""
 
     recipe: ExportRecipe
     src: Source

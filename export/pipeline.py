@@ -27,8 +27,7 @@ Steps (each printed on stderr with its time):
    Outside tolerance → stop, delete everything, raise ``ParityError`` — unless ``allow_mismatch``,
    then the card records it (``--drop-mismatch``: the artifact is left out, the others ship).
 7. With ``--eval-data``: the accuracy gate (top-1 of every artifact against PyTorch, ``--max-drop``).
-8. Where TensorRT cannot build: its parser check of the ONNX files (``tensorrt_format.check_onnx`` and
-   ``check_qdq_file``).
+8. Where TensorRT cannot build: its parser check of the ONNX files (``tensorrt_format.check_without_engine``).
 9. ``model_card.json`` with hashes; the temporary folder is renamed into place (atomic).
 
 Every step line reads ``[export] i/N …``: N counts the setup steps, the plan's artifacts and the
@@ -254,16 +253,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         steps.start(TENSORRT_CHECK_STEP)
         from export import tensorrt_format
 
-        report = tensorrt_format.check_onnx(ctx.onnx_fp32())
-        qdq = tensorrt_format.check_qdq_file(ctx) if "int8" in recipe.precisions else None
-        for n in not_built:
-            if n["format"] == "tensorrt":
-                n["onnx_check"] = report
-                if qdq is not None:
-                    n["int8_qdq_check"] = qdq
-        problems = report["unsupported"] + report["restrictions"] + (qdq["check"]["restrictions"] if qdq else [])
-        steps.done(("parsable" if not problems else f"problems: {problems}")
-                   + (f"; INT8 Q/DQ file on ONNX Runtime: min cosine {qdq['min_cosine']:.4f}" if qdq else ""))
+        steps.done(tensorrt_format.check_without_engine(ctx, not_built))
     for extra in ctx.scratch:
         shutil.rmtree(extra, ignore_errors=True) if extra.is_dir() else extra.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # a format folder that held only scratch files

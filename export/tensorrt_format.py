@@ -24,7 +24,7 @@ not in ``SUPPORTED_OPS``, the parser restrictions the file breaks, and Q/DQ node
 reject (non-zero zero points, unsigned INT8, INT32 quantised biases: ONNX Runtime's own INT8 style).
 
 ``build_artifact`` and ``verify_artifact`` are the format's entries in ``export.formats.BUILDERS``;
-``check_qdq_file`` is the pipeline's check where no engine can be built.
+``check_without_engine`` is the pipeline's step where no engine can be built.
 """
 from __future__ import annotations
 
@@ -190,6 +190,21 @@ def build_artifact(ctx, precision: str) -> dict:
 def verify_artifact(ctx, precision: str, art: dict) -> None:
     """Parity against PyTorch on the GPU the engine was built on."""
     verification.parity(ctx, "tensorrt", precision, art, lambda: runner(ctx.tmp / art["path"]))
+
+
+def check_without_engine(ctx, not_built: list[dict]) -> str:
+    """Where TensorRT cannot build: the FP32 ONNX file (and, with INT8, the Q/DQ file) checked against its
+    parser's rules, recorded in the card's ``not_built`` TensorRT entries; returns the step's note."""
+    report = check_onnx(ctx.onnx_fp32())
+    qdq = check_qdq_file(ctx) if "int8" in ctx.recipe.precisions else None
+    for n in not_built:
+        if n["format"] == "tensorrt":
+            n["onnx_check"] = report
+            if qdq is not None:
+                n["int8_qdq_check"] = qdq
+    problems = report["unsupported"] + report["restrictions"] + (qdq["check"]["restrictions"] if qdq else [])
+    return (("parsable" if not problems else f"problems: {problems}")
+            + (f"; INT8 Q/DQ file on ONNX Runtime: min cosine {qdq['min_cosine']:.4f}" if qdq else ""))
 
 
 def check_qdq_file(ctx) -> dict:

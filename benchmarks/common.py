@@ -56,10 +56,10 @@ class _ImageInput(nn.Module):
 
 
 def export_onnx(model: nn.Module, size: int, path: Path, output_name: str = "y") -> Path:
-    """The export pipeline's ONNX step (``export.pipeline.export_program``: torch.export with an example batch
+    """The export pipeline's ONNX step (``export.source.export_program``: torch.export with an example batch
     of 2 and a symbolic batch, then ``export.onnx_format.export_program``: the dynamo exporter, opset 20)."""
     from export.onnx_format import export_program as to_onnx
-    from export.pipeline import export_program
+    from export.source import export_program
 
     program, example = export_program(_ImageInput(model).eval(), size, max_batch=64)
     to_onnx(program, example, path, INPUT_NAME, (output_name,), {})

@@ -153,6 +153,11 @@ INT8_SCOPES = {  # what NNCF quantises (OpenVINO post-training quantisation, nat
 
 
 def quantize_int8(path: Path, calib: np.ndarray, scope: str, threads: int) -> "ArrayRunner":
+    """NNCF INT8 of the ONNX file at ``path`` under ``INT8_SCOPES[scope]``, run by the package's OpenVINO runner.
+
+    It calls NNCF itself rather than ``export.openvino_format.quantize_int8``: 'transformer' is not one of
+    the export's scopes, and the export's 'convs' also compresses the float MatMuls' weights, which this
+    benchmark leaves out to measure activation quantisation alone (see ``INT8_SCOPES``)."""
     import logging
 
     import nncf

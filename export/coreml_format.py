@@ -15,6 +15,11 @@
 On Linux ``predict`` is unavailable: ``verify_spec`` reloads the saved package without compiling
 it and checks the input type and size, the outputs, and lists the MIL ops (verified "spec-only").
 On macOS ``runner`` predicts and parity is checked like the other formats.
+
+``build_artifact`` and ``verify_artifact`` are the format's entries in ``export.formats.BUILDERS``.
+The static-batch program is exported once per export and converted for each precision; with FP16 and
+INT8 both asked for, INT8 quantises the FP16 model's weights instead of converting again (that state
+is the context's ``coreml_*`` fields).
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+
+from qbheat_contract import parity as contract_parity
 
 MINIMUM_DEPLOYMENT_TARGET = "iOS17"  # = macOS14 / watchOS10 / tvOS17
 
@@ -200,3 +207,67 @@ def runner(path: str | os.PathLike, labels: list[str] | None, output_names: tupl
         return [np.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
 
     return run
+
+
+def build_artifact(ctx, precision: str) -> dict:
+    """The .mlpackage of ``precision`` (``ctx``: export.context.ExportContext); its card record."""
+    from export.deployable import DeployableModel
+    from export.source import export_program
+
+    if ctx.coreml_program is None:
+        variant = "probabilities" if ctx.src.task == "classifier" else ctx.src.variant
+        model = ChannelRescale(DeployableModel(ctx.deploy.backbone, ctx.deploy.head, variant), ctx.pre.std)
+        program, _ = export_program(model, ctx.pre.height, 1, dynamic=False)
+        ctx.coreml_program = decompose(program)
+        ctx.coreml_outputs = model.output_names
+    labels = ctx.src.labels if ctx.src.task == "classifier" else None
+    fp32_ops: list[str] = []
+    cached_fp16 = ctx.coreml_fp16
+    if precision == "int8" and cached_fp16 is not None:  # same program, weights quantised: no second conversion
+        mlmodel = quantize_weights_int8(cached_fp16[0])
+        discard(cached_fp16[0])
+        ctx.coreml_fp16 = None
+        set_metadata(mlmodel, {**ctx.metadata, "precision": precision})
+        fp32_ops = list(cached_fp16[1])
+    else:
+        mlmodel = convert(ctx.coreml_program, ctx.pre, "image", ctx.coreml_outputs, precision, labels,
+                          {**ctx.metadata, "precision": precision}, [f"model.{p}" for p in ctx.pinned], fp32_ops)
+        if precision == "fp16" and "int8" in ctx.recipe.precisions:
+            ctx.coreml_fp16 = (mlmodel, list(fp32_ops))
+    path = save(mlmodel, ctx.path("coreml", f"model.{precision}.mlpackage"))
+    if ctx.coreml_fp16 is None or ctx.coreml_fp16[0] is not mlmodel:  # the FP16 model kept for INT8 is discarded after it
+        discard(mlmodel)
+    notes = [f"ML Program, minimum deployment target {MINIMUM_DEPLOYMENT_TARGET}; input: RGB image, "
+             f"normalisation in ImageType scale/bias + per-channel factor"]
+    if labels is not None:
+        notes.append("classifier: softmax probabilities with ClassifierConfig labels (outputs classLabel + probabilities)")
+    if precision == "int8":
+        notes.append("int8 = 8-bit linear weight quantisation; activations run in FP16")
+    return ctx.artifact("coreml", precision, [path], fp32_pinned=sorted(set(fp32_ops)), notes=notes)
+
+
+def verify_artifact(ctx, precision: str, art: dict) -> None:
+    """macOS: parity of the predictions (uint8 images in) against PyTorch; elsewhere the saved spec is checked."""
+    from export import backends, verification
+    from export.deployable import DeployableModel
+
+    if not backends.format_status("coreml").can_run:
+        expect = ["classLabel"] if ctx.src.task == "classifier" else list(ctx.coreml_outputs)
+        spec = verify_spec(ctx.tmp / art["path"], "image", ctx.pre.height, expect)
+        art["verified"], art["spec"] = "spec-only", spec
+        art["notes"].append("Core ML prediction needs macOS: only the saved spec was verified here")
+        if not spec["passed"]:
+            verification.fail(ctx, art, f"coreml {precision}: spec check failed: {'; '.join(spec['problems'])}")
+        return
+    labels = ctx.src.labels if ctx.src.task == "classifier" else None
+    run = runner(ctx.tmp / art["path"], labels, ctx.coreml_outputs, "image")
+    variant = "probabilities" if labels is not None else ctx.src.variant
+    names = ("probabilities",) if labels is not None else ctx.output_names
+    ref_model = DeployableModel(ctx.reference.backbone, ctx.reference.head, variant)
+    results = {}
+    for b in verification.PARITY_BATCHES:
+        with torch.no_grad():
+            ref = [o.numpy() for o in ref_model(torch.from_numpy(ctx.check.inputs[:b]))]
+        results[f"batch{b}"] = contract_parity.compare(ctx.src.task, variant, names, ref, run(ctx.check.images_u8[:b]), "coreml",
+                                                       precision, nms=verification.nms_fn(ctx))
+    verification.record(ctx, "coreml", precision, art, results)

@@ -29,7 +29,7 @@ def reference_model(card: dict, checkpoint: str | None = None) -> tuple[torch.nn
     """(reference, deploy): the export's PyTorch model as it was before and after reparameterisation."""
     from timm.utils.model import reparameterize_model
 
-    from export.pipeline import load_source
+    from export.source import load_source
     from export.recipe import ExportRecipe
     from qbheat_contract.hashing import artifact_sha256
     from export.deployable import DeployableModel
@@ -50,10 +50,10 @@ def reference_model(card: dict, checkpoint: str | None = None) -> tuple[torch.nn
                               num_classes=kwargs.get("num_classes") or (len(head["labels"]) if head.get("labels") else None), **fields)
     torch.manual_seed(0)
     src = load_source(recipe)
-    ref = DeployableModel(src["backbone"], src["head"], src["variant"]).eval()
+    ref = DeployableModel(src.backbone, src.head, src.variant).eval()
     import copy
 
-    deploy = DeployableModel(reparameterize_model(copy.deepcopy(src["backbone"])), src["head"], src["variant"]).eval()
+    deploy = DeployableModel(reparameterize_model(copy.deepcopy(src.backbone)), src.head, src.variant).eval()
     return ref, deploy
 
 

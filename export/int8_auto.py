@@ -211,3 +211,12 @@ class Search:
                 "validation_drop_top1": last["drop_top1"], "validation_drop_top1_ci": last["drop_top1_ci"], "trials": trials,
                 "sensitivity": [{"module": m, **{k: self.sensitivity[m][k] for k in ("flips", "drop_top1", "logit_mse")}}
                                 for m in self._order] if self._order is not None else None}
+
+
+def note(auto: dict) -> str:
+    """The card's sentence about one artifact's search record: the float modules and the validation drop."""
+    floats = auto["float_modules"]
+    return (f"--int8-scope auto: {len(floats)} of {auto['modules']} modules kept in float "
+            f"({', '.join(floats) if floats else 'none'}); validation top-1 drop {auto['validation_drop_top1']:+.2f} points "
+            f"(95 % CI {auto['validation_drop_top1_ci'][0]:+.2f} to {auto['validation_drop_top1_ci'][1]:+.2f}) on "
+            f"{auto['validation']['count']} images of {auto['validation']['source']}, budget {auto['budget']:g}")

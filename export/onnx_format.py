@@ -11,6 +11,8 @@
 * FP16: float16 inside, float32 I/O. With nothing pinned by the FP16 guard, the FP32 graph cast by
   ONNX Runtime's ``convert_float_to_float16`` (no second ``torch.export``); otherwise exported from the
   module with the guard-pinned parts kept in float32. INT8: ``export.quantize`` on the FP32 file.
+
+``build_artifact`` and ``verify_artifact`` are the format's entries in ``export.formats.BUILDERS``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export import verification
 from qbheat.errors import QBHeatError
 
 OPSET = 20  # torch 2.13's dynamo default; ORT 1.32, OpenVINO 2026.4 and TensorRT 10 all read it
@@ -164,3 +167,54 @@ def simplify(path: str | os.PathLike, images: np.ndarray) -> list[str]:
     n_after = len(onnx.load(str(slim_path)).graph.node)
     os.replace(slim_path, path)
     return [f"onnxslim {onnxslim.__version__}: {n_before} → {n_after} nodes, outputs unchanged (≤ {worst:.1e})"]
+
+
+def add_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to the file's ``metadata_props`` (keys it already has keep their values)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    existing = {p.key for p in model.metadata_props}
+    for k, v in metadata.items():
+        if k not in existing:
+            e = model.metadata_props.add()
+            e.key, e.value = k, str(v)
+    onnx.save(model, str(path))
+
+
+def build_artifact(ctx, precision: str) -> dict:
+    """The ONNX artifact of ``precision`` (``ctx``: export.context.ExportContext); its card record."""
+    import onnx
+
+    from export import int8_auto
+
+    notes, pinned = [], []
+    if precision == "fp32":
+        path = ctx.onnx_fp32()
+        if path in ctx.scratch:
+            ctx.scratch.remove(path)
+    elif precision == "fp16":
+        path, pinned = ctx.onnx_fp16()
+        notes.append("float16 compute with float32 inputs/outputs; ONNX Runtime's CPU provider runs float16 nodes "
+                     "without CPU kernels through inserted casts, so CPU parity is optimistic for FP16")
+    else:
+        from export.quantize import quantize_onnx_int8
+
+        path = ctx.path("onnx", "model.int8.onnx")
+        if ctx.auto:
+            auto, quant_notes = ctx.int8_search().onnx(path, "onnxruntime")
+            notes += quant_notes + [int8_auto.note(auto)]
+        else:
+            notes += quantize_onnx_int8(ctx.onnx_fp32(), path, ctx.calib.inputs, "image", ctx.recipe.int8_scope)
+        add_metadata(path, {**ctx.metadata, "precision": "int8"})
+    if ctx.recipe.simplify and precision != "int8":
+        notes += simplify(path, ctx.check.inputs[:2])
+    model = onnx.load(str(path), load_external_data=False)
+    extra = {"int8_auto": auto} if precision == "int8" and ctx.auto else {}
+    return ctx.artifact("onnx", precision, [path], opset=next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                        fp32_pinned=pinned, notes=notes, **extra)
+
+
+def verify_artifact(ctx, precision: str, art: dict) -> None:
+    """Parity against PyTorch on ONNX Runtime's CPU provider."""
+    verification.parity(ctx, "onnx", precision, art, lambda: runner(ctx.tmp / art["path"]))

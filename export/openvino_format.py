@@ -19,6 +19,8 @@ so they time the IR the export ships.
 
 Metadata lives in ``rt_info["model_info"]`` (OpenVINO's own slot, read by Model API). Parity runs
 with ``INFERENCE_PRECISION_HINT=f32``: this CPU would otherwise run bf16 and differ by ~1 %.
+
+``build_artifact`` and ``verify_artifact`` are the format's entries in ``export.formats.BUILDERS``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy_targets.runners.openvino_runner import shared_core
+from export import verification
 from export.quantize import INT8_SCOPES
 
 PARITY_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -202,3 +205,38 @@ def read_metadata(xml_path: str | os.PathLike) -> dict[str, str]:
         return {}
     keys = list(model.get_rt_info()["model_info"])
     return {k: model.get_rt_info(["model_info", k]).astype(str) for k in keys}
+
+
+def build_artifact(ctx, precision: str) -> dict:
+    """The OpenVINO IR of ``precision`` from the FP32 model (``ctx``: export.context.ExportContext); its card record."""
+    notes, pinned = [], []
+    xml = ctx.path("openvino", precision, "model.xml")
+    if precision == "fp32":
+        files = save(ctx.ov_fp32(), xml, compress_to_fp16=False)
+    elif precision == "fp16":
+        model = ctx.ov_fp32().clone()
+        model.set_rt_info("fp16", ["model_info", "precision"])
+        if ctx.pinned:
+            pinned = pin_fp32(model, onnx_nodes_in(ctx.onnx_fp32(), ctx.pinned))
+        files = save(model, xml, compress_to_fp16=True)
+        notes.append("FP16-compressed weights; compute precision is the device's (parity uses the f32 hint)")
+    elif ctx.auto:
+        from export import int8_auto
+
+        model, auto = ctx.int8_search().openvino(ctx.ov_fp32(), xml, ctx.src.task == "detector", ctx.quiet)
+        files = save(model, xml, compress_to_fp16=False)
+        notes += [f"NNCF post-training INT8 on {len(ctx.calib.names)} calibration images, scope 'auto' "
+                  f"({auto['openvino_float_ops']} OpenVINO ops in float through NNCF's IgnoredScope)", int8_auto.note(auto)]
+        return ctx.artifact("openvino", precision, files, notes=notes, int8_auto=auto)
+    else:
+        model = quantize_int8(ctx.ov_fp32().clone(), ctx.calib.inputs, ctx.src.task == "detector",
+                              quiet=ctx.quiet, scope=ctx.recipe.int8_scope)
+        model.set_rt_info("int8", ["model_info", "precision"])
+        files = save(model, xml, compress_to_fp16=False)
+        notes.append(f"NNCF post-training INT8 on {len(ctx.calib.names)} calibration images, scope {ctx.recipe.int8_scope!r}")
+    return ctx.artifact("openvino", precision, files, fp32_pinned=pinned, notes=notes)
+
+
+def verify_artifact(ctx, precision: str, art: dict) -> None:
+    """Parity against PyTorch on OpenVINO CPU (f32 hint; static and dynamic batch compiled, see ``runner``)."""
+    verification.parity(ctx, "openvino", precision, art, lambda: runner(ctx.tmp / art["path"]))

@@ -19,11 +19,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from export import backends
 from export.deployable import check_variant
 from export.quantize import AUTO, INT8_SCOPES
 from qbheat.errors import QBHeatError
 
-FORMATS = ("onnx", "openvino", "coreml", "tensorrt")
+FORMATS = tuple(backends.FORMATS)  # the names of export.backends' format table, in its order
 PRECISIONS = ("fp32", "fp16", "int8")
 HEAD_TASKS = ("classifier", "detector", "features")
 NEW_HEAD_CLASSES = {"classifier": 1000, "detector": 80}  # ImageNet-1k and COCO class counts, for untrained heads

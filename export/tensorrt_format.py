@@ -22,6 +22,9 @@ It needs ``tensorrt`` (not installable from this project's registries) and an NV
 tests skip otherwise. ``check_onnx`` runs everywhere: it lists the ONNX file's operators that are
 not in ``SUPPORTED_OPS``, the parser restrictions the file breaks, and Q/DQ nodes TensorRT would
 reject (non-zero zero points, unsigned INT8, INT32 quantised biases: ONNX Runtime's own INT8 style).
+
+``build_artifact`` and ``verify_artifact`` are the format's entries in ``export.formats.BUILDERS``;
+``check_without_engine`` is the pipeline's step where no engine can be built.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from export import verification
 
 # Operators marked supported ("Y") in onnx/onnx-tensorrt docs/operators.md at the snapshot that says
 # "TensorRT 8.5 supports operators up to Opset 17" (commit 6d0ab7b), plus those added later and
@@ -159,3 +164,73 @@ def runner(engine_path: str | os.PathLike):
         return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy().astype(np.int64) for o in outs]
 
     return run
+
+
+def build_artifact(ctx, precision: str) -> dict:
+    """An engine from the ONNX file of the same precision (strongly typed: the file sets each layer's type);
+    ``ctx``: export.context.ExportContext. Returns its card record."""
+    engine = ctx.path("tensorrt", f"model.{precision}.engine")
+    notes, pinned = [], []
+    if precision == "fp32":
+        source = ctx.onnx_fp32()
+    elif precision == "fp16":
+        source, pinned = ctx.onnx_fp16()
+    else:
+        source = ctx.tensorrt_qdq()
+        notes += ctx.tensorrt_qdq_notes
+    facts = build_engine(source, engine, precision, opt_batch=4, max_batch=ctx.recipe.max_batch,
+                         timing_cache=ctx.path("tensorrt", "timing.cache"), metadata=ctx.metadata)
+    files = [engine, Path(str(engine) + ".json")] + ([source] if precision == "int8" else [])
+    notes.append(f"TensorRT {facts['tensorrt']}, {'strongly' if facts['strongly_typed'] else 'weakly'} typed from "
+                 f"{source.name}, profile batch {facts['profile']}; metadata in the sidecar JSON")
+    extra = {"int8_auto": ctx.tensorrt_qdq_auto} if precision == "int8" and ctx.tensorrt_qdq_auto else {}
+    return ctx.artifact("tensorrt", precision, files, fp32_pinned=pinned, notes=notes, **extra)
+
+
+def verify_artifact(ctx, precision: str, art: dict) -> None:
+    """Parity against PyTorch on the GPU the engine was built on."""
+    verification.parity(ctx, "tensorrt", precision, art, lambda: runner(ctx.tmp / art["path"]))
+
+
+def check_without_engine(ctx, not_built: list[dict]) -> str:
+    """Where TensorRT cannot build: the FP32 ONNX file (and, with INT8, the Q/DQ file) checked against its
+    parser's rules, recorded in the card's ``not_built`` TensorRT entries; returns the step's note."""
+    report = check_onnx(ctx.onnx_fp32())
+    qdq = check_qdq_file(ctx) if "int8" in ctx.recipe.precisions else None
+    for n in not_built:
+        if n["format"] == "tensorrt":
+            n["onnx_check"] = report
+            if qdq is not None:
+                n["int8_qdq_check"] = qdq
+    problems = report["unsupported"] + report["restrictions"] + (qdq["check"]["restrictions"] if qdq else [])
+    return (("parsable" if not problems else f"problems: {problems}")
+            + (f"; INT8 Q/DQ file on ONNX Runtime: min cosine {qdq['min_cosine']:.4f}" if qdq else ""))
+
+
+def check_qdq_file(ctx) -> dict:
+    """Where TensorRT cannot build: the INT8 Q/DQ file an engine would be built from, checked against
+    TensorRT's parser rules and run on ONNX Runtime against PyTorch (its quantisation points and
+    scales are the engine's, so this is the INT8 engine's quantisation error, up to kernel rounding)."""
+    from export import onnx_format
+
+    path = ctx.tensorrt_qdq()
+    ctx.scratch.append(path)
+    run = onnx_format.runner(path)
+    results = {f"batch{b}": verification.compare(ctx, b, run(ctx.check.inputs[:b]), "onnx", "int8")
+               for b in verification.PARITY_BATCHES}
+    out = {"file": path.name, "notes": ctx.tensorrt_qdq_notes, "check": check_onnx(path),
+           "onnxruntime_parity": results, "min_cosine": verification.min_cosine(results),
+           "passed": all(r["passed"] for r in results.values())}
+    if ctx.tensorrt_qdq_auto:
+        out["int8_auto"] = ctx.tensorrt_qdq_auto
+    if ctx.eval_scores is not None:  # --eval-data: the file's top-1 on ONNX Runtime (an INT8 engine's quantisation, up to kernels)
+        from export import accuracy, evaluate
+
+        data, ref_scores = ctx.eval_scores
+        runner_ = evaluate.artifact_runner({"format": "onnx", "precision": "int8"}, path, threads=evaluate.THREADS)
+        try:
+            scores = evaluate.runner_scores(runner_, data, desc="eval tensorrt-style int8 (onnxruntime)", quiet=ctx.quiet)
+        finally:
+            runner_.close()
+        out["accuracy"] = accuracy.classification_scores(ref_scores, scores, data.labels)
+    return out

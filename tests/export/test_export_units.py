@@ -637,12 +637,14 @@ def test_mobileformer_openvino_int8_runs_at_static_batches(tmp_path):
 
 
 def test_an_unexpected_builder_failure_is_one_sentence_naming_the_format(tmp_path, monkeypatch, capsys):
-    from export import pipeline
+    import dataclasses
+
+    from export.formats import BUILDERS
 
     def broken(ctx, precision):
         raise ValueError("converter exploded\nsecond line")
 
-    monkeypatch.setitem(pipeline.BUILDERS, "onnx", broken)
+    monkeypatch.setitem(BUILDERS, "onnx", dataclasses.replace(BUILDERS["onnx"], build=broken))
     args = ["export", "--quiet", "--model", "resnet10t", "--head", "features", "--formats", "onnx", "--precision", "fp32",
             "--image-size", "32", "--calibration-count", "2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 2

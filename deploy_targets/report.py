@@ -115,7 +115,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     if doc.get("sources"):
         lines.append(f" · merged from {', '.join(f'`{s}`' for s in doc['sources'])}")
     lines += ["", "## Latency (ms)", "",
-              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement | top-1 % (or mAP) | drop (pts) | peak RSS MB load / run |",
+              "| target | model | artifact | precision | runtime | threads | batch | load | first | p50 | p90 | p99 | CV % | e2e p50 | golden | agreement | top-1 % | drop (pts) | peak RSS MB load / run |",
               "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         s, e, g = r.get("steady") or {}, r.get("end_to_end") or {}, r.get("golden")

@@ -2,7 +2,8 @@
 
 Input: benchmark rows (``qbheat.bench_report/1``) that carry the artifact's measured accuracy
 (``row["accuracy"]``, from ``qbheat-export eval`` through the model card). Per target (device
-profile), among the rows whose top-1 drop against PyTorch is at most ``max_drop`` points:
+profile), among the rows whose drop against PyTorch is at most ``max_drop`` points (a classifier's
+top-1 drop; a detector's COCO mAP drop, ``drop_mAP``):
 
 1. the row with the lowest steady-state p50 is the *fastest*;
 2. a row counts as slower than it only beyond the measured noise, by ``report.compare``'s rule:
@@ -24,9 +25,18 @@ from .report import MIN_THRESHOLD, noise
 from .results import row_label
 
 
-def _drop(row: dict[str, Any]) -> float | None:
+DROP_KEYS = (("drop_top1", "top-1"), ("drop_mAP", "COCO mAP"))  # the accuracy entry's drop, per head type
+
+
+def _drop_key(row: dict[str, Any]) -> tuple[str, str] | None:
     acc = row.get("accuracy") or {}
-    return acc.get("drop_top1")
+    return next(((k, m) for k, m in DROP_KEYS if acc.get(k) is not None), None)
+
+
+def _drop(row: dict[str, Any]) -> float | None:
+    """The row's drop in points: top-1 for a classifier export, COCO mAP for a detector export."""
+    key = _drop_key(row)
+    return row["accuracy"][key[0]] if key else None
 
 
 def slower_beyond_noise(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -42,7 +52,9 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
     return {"label": row_label(row), "artifact": art.get("path"), "format": art.get("format"), "precision": art.get("precision"),
             "runtime": row["runtime"], "options": row.get("options") or {}, "threads": row["threads"], "batch": row["batch"],
             "p50_ms": row["steady"]["p50"], "noise": round(noise(row["steady"]), 4), "top1": acc.get("top1"),
-            "drop_top1": acc.get("drop_top1"), "drop_top1_ci": acc.get("drop_top1_ci")}
+            "drop_top1": acc.get("drop_top1"), "drop_top1_ci": acc.get("drop_top1_ci"),
+            "drop": _drop(row), "drop_ci": acc.get(f"{(_drop_key(row) or ('drop_top1',))[0]}_ci"),
+            "drop_metric": (_drop_key(row) or (None, None))[1], "mAP": acc.get("mAP"), "drop_mAP": acc.get("drop_mAP")}
 
 
 def _int8_note(rows: list[dict[str, Any]]) -> str | None:
@@ -72,7 +84,7 @@ def recommend(rows: list[dict[str, Any]], max_drop: float) -> list[dict[str, Any
         timed = [r for r in rows if r["target"] == target and r.get("steady") and not r.get("skipped")]
         unmeasured = [row_label(r) for r in timed if _drop(r) is None]
         fits = [r for r in timed if _drop(r) is not None and _drop(r) <= max_drop + 1e-9]
-        over = [{"label": row_label(r), "drop_top1": _drop(r)} for r in timed if _drop(r) is not None and _drop(r) > max_drop + 1e-9]
+        over = [{"label": row_label(r), _drop_key(r)[0]: _drop(r)} for r in timed if _drop(r) is not None and _drop(r) > max_drop + 1e-9]
         rec: dict[str, Any] = {"target": target, "max_drop": max_drop, "over_budget": over, "unmeasured": unmeasured,
                                "int8": _int8_note(timed)}
         if not fits:
@@ -100,7 +112,8 @@ def format_recommendations(recs: list[dict[str, Any]]) -> list[str]:
             lines.append(f"{rec['target']}: {rec['reason']}")
         else:
             lines.append(f"{rec['target']}: {c['format']}/{c['precision']} {c['artifact']} on {c['runtime']}, threads {c['threads']}, "
-                         f"batch {c['batch']}: p50 {c['p50_ms']:.3f} ms, top-1 drop {c['drop_top1']:+.2f} points "
+                         f"batch {c['batch']}: p50 {c['p50_ms']:.3f} ms, {c.get('drop_metric') or 'top-1'} drop "
+                         f"{c['drop'] if c.get('drop') is not None else c['drop_top1']:+.2f} points "
                          f"(budget {rec['max_drop']:g}); {rec['reason']}")
         if rec.get("int8"):
             lines.append(f"{rec['target']}: {rec['int8']}")

@@ -94,11 +94,13 @@ def _agreement(row: dict[str, Any]) -> float | None:
 def _accuracy_cells(row: dict[str, Any]) -> list[str]:
     """Top-1 and its drop against PyTorch with the 95 % interval, from the card's 'qbheat-export eval' entry."""
     acc = row.get("accuracy") or {}
-    if "top1" not in acc:
+    metric = next((m for m in ("top1", "mAP") if acc.get(m) is not None and acc.get(f"drop_{m}") is not None), None)
+    if metric is None:
         return ["–", "–"]
-    lo, hi = acc.get("drop_top1_ci") or (None, None)
+    lo, hi = acc.get(f"drop_{metric}_ci") or (None, None)
     ci = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
-    return [f"{acc['top1']:.2f}", f"{acc['drop_top1']:+.2f}{ci}"]
+    label = " mAP" if metric == "mAP" else ""  # a detector's COCO mAP in the top-1 column, marked
+    return [f"{acc[metric]:.2f}{label}", f"{acc[f'drop_{metric}']:+.2f}{ci}"]
 
 
 def _memory_cell(row: dict[str, Any]) -> str:

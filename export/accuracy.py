@@ -9,6 +9,10 @@ the observed proportions: ``resamples`` of them give exactly the resampling dist
 image indices, at O(resamples) cost instead of O(resamples × N). The interval is the percentile
 interval (2.5 %, 97.5 % by default).
 
+The same resampling serves detectors (``export.eval_detection``): COCO mAP does not split into
+per-image terms, so there each resample is the R×N matrix of image multiplicities
+(``image_resamples``) and mAP is re-accumulated for it; both end in ``percentile_interval``.
+
 The budget (ours): an artifact passes when its point estimate of the drop is at most ``max_drop``
 points; the interval is reported beside it so a reader sees how sure the verdict is.
 """
@@ -31,6 +35,21 @@ def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return (top == np.asarray(labels)[:, None]).any(axis=1)
 
 
+def image_resamples(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """R×N int: how many times each of the ``n`` images is drawn in each of ``resamples`` bootstrap resamples
+    (each row sums to ``n``): drawing ``n`` image indices with replacement, as counts."""
+    if n < 1:
+        raise ValueError("need at least one image to resample")
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+
+
+def percentile_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
+    """The percentile bootstrap interval [lo, hi] of resampled statistics (2.5 % and 97.5 % by default), rounded."""
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.percentile(np.asarray(values, np.float64), [100 * alpha, 100 * (1 - alpha)])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def paired_drop(ref_hits: np.ndarray, art_hits: np.ndarray, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
                 seed: int = SEED) -> dict:
     """Drop in points (100 × (accuracy of PyTorch − accuracy of the artifact)) and its bootstrap interval."""
@@ -42,9 +61,7 @@ def paired_drop(ref_hits: np.ndarray, art_hits: np.ndarray, resamples: int = RES
     counts = np.array([(d == -1).sum(), (d == 0).sum(), (d == 1).sum()])
     draws = np.random.default_rng(seed).multinomial(n, counts / n, size=resamples)  # resamples × 3
     drops = 100.0 * (draws[:, 2] - draws[:, 0]) / n
-    alpha = (1.0 - confidence) / 2
-    lo, hi = np.percentile(drops, [100 * alpha, 100 * (1 - alpha)])
-    return {"drop": round(float(100.0 * d.mean()), 4), "ci": [round(float(lo), 4), round(float(hi), 4)], "n": int(n),
+    return {"drop": round(float(100.0 * d.mean()), 4), "ci": percentile_interval(drops, confidence), "n": int(n),
             "improved": int(counts[0]), "worsened": int(counts[2])}
 
 

@@ -15,6 +15,9 @@ until the top-1 drop fits ``--max-drop``.
    interval of the validation drop is at most the budget, so the reported drop on the test set is
    unlikely to exceed it. The export's accuracy gate then measures the drop on ``--eval-data``.
 
+4. Latency (OpenVINO): the searched IR against the same with every MatMul and its elementwise neighbours
+   in f32 (``Search.openvino_latency``): kept when it fits the budget too and runs faster here.
+
 NNCF's ``quantize_with_accuracy_control`` was not used: it ranks and reverts NNCF's own quantisers,
 which would leave ONNX Runtime's two files without a float set, and one search should explain all three.
 """
@@ -147,6 +150,7 @@ class Search:
         self.groups = module_groups(self.fp32, INT8_SCOPES[START]["onnx_op_types"])
         self._order: list[str] | None = None
         self.sensitivity: dict[str, dict] = {}
+        self.latency_step = True  # OpenVINO: also try the MatMuls in f32 and keep that when it is faster (openvino_latency)
 
     def _quantize(self, dst: Path, style: str, exclude=(), only=None) -> list[str]:
         from export.quantize import quantize_onnx_int8
@@ -199,7 +203,46 @@ class Search:
         floats, trials = greedy(self.order, trial, self.budget)
         record = self.record(floats, trials)
         record["openvino_float_ops"] = len(chosen["ignored"])
-        return chosen["model"], record
+        return self.openvino_latency(fp32_model, dst_xml, detector, quiet, chosen, record)
+
+    def openvino_latency(self, fp32_model, dst_xml: Path, detector: bool, quiet: bool, chosen: dict, record: dict):
+        """The latency step (OpenVINO only): the accuracy search's IR against the same float modules with every
+        MatMul (and the elementwise ops around it, ``INT8_SCOPES['convs']``' types) left in f32 and uncompressed.
+        On the CPU plugin the INT8 FullyConnected and attention kernels of Mobile-Former's 6-token bridges cost more
+        than their f32 ones (benchmarks/results/openvino_int8_latency.md). The candidate is kept when its validation
+        drop fits too and it is faster than the search's IR here, batch 1, one thread, in alternating rounds
+        (``time_alternating``): faster in more than half of the rounds and by the median."""
+        from export import openvino_format
+        from export.quantize import INT8_SCOPES
+
+        types = set(INT8_SCOPES["convs"]["openvino_ignored_types"])
+        if not self.latency_step:
+            return chosen["model"], record
+        extra = sorted({op.get_friendly_name() for op in fp32_model.get_ops() if op.get_type_name() in types} - set(chosen["ignored"]))
+        if not extra:
+            return chosen["model"], record
+        ignored = sorted(set(chosen["ignored"]) | set(extra))
+        model = openvino_format.quantize_int8(fp32_model.clone(), self.calib, detector, quiet=quiet, scope=START, ignored_names=ignored)
+        model.set_rt_info("int8", ["model_info", "precision"])
+        cand_xml = self.workdir / "openvino_latency" / "model.xml"
+        openvino_format.save(model, cand_xml, compress_to_fp16=False)
+        measured = self.val.measure(self.scores_of("openvino", cand_xml))
+        step = {"candidate": "search's float modules + MatMul/Softmax/MVN/Add/Multiply/Maximum ops in f32 (no weight compression)",
+                "candidate_float_ops": len(ignored), "candidate_validation_drop_top1": measured["drop_top1"],
+                "candidate_validation_drop_top1_ci": measured["drop_top1_ci"], "fits": fits(measured, self.budget)}
+        if step["fits"]:
+            timing = time_alternating({"search": dst_xml, "candidate": cand_xml}, self.calib[:1])
+            step |= {"timing": timing, "kept": timing["faster_rounds"]["candidate"] * 2 > timing["rounds"]
+                     and timing["p50_ms"]["candidate"] < timing["p50_ms"]["search"]}
+        else:
+            step["kept"] = False
+        record["latency_step"] = step
+        if not step["kept"]:
+            return chosen["model"], record
+        openvino_format.save(model, dst_xml, compress_to_fp16=False)
+        record["openvino_float_ops"] = len(ignored)
+        record["validation_drop_top1"], record["validation_drop_top1_ci"] = measured["drop_top1"], measured["drop_top1_ci"]
+        return model, record
 
     def record(self, floats: list[str], trials: list[dict]) -> dict:
         """What the card says of one backend's search."""
@@ -213,6 +256,7 @@ class Search:
                                 for m in self._order] if self._order is not None else None}
 
 
+<<<<<<< HEAD
 def note(auto: dict) -> str:
     """The card's sentence about one artifact's search record: the float modules and the validation drop."""
     floats = auto["float_modules"]
@@ -220,3 +264,41 @@ def note(auto: dict) -> str:
             f"({', '.join(floats) if floats else 'none'}); validation top-1 drop {auto['validation_drop_top1']:+.2f} points "
             f"(95 % CI {auto['validation_drop_top1_ci'][0]:+.2f} to {auto['validation_drop_top1_ci'][1]:+.2f}) on "
             f"{auto['validation']['count']} images of {auto['validation']['source']}, budget {auto['budget']:g}")
+=======
+def time_alternating(paths: dict[str, Path], x: np.ndarray, rounds: int = 7, iters: int = 40, threads: int = 1) -> dict:
+    """p50 (ms) of each OpenVINO IR at ``x``'s shape through ``deploy_targets``' runner, in alternating rounds
+    (each round runs every IR ``iters`` times), and in how many rounds each was faster than the others' best."""
+    import time
+
+    from deploy_targets.runners import get_runner
+
+    runners = {}
+    x = np.ascontiguousarray(x, np.float32)
+    try:
+        for name, path in paths.items():
+            r = get_runner("openvino", threads=threads, precision="int8")
+            r.load(path, batch=len(x))
+            runners[name] = (r, r.inputs()[0]["name"])
+        for r, inp in runners.values():
+            for _ in range(10):
+                r.run({inp: x})
+        times = {n: [] for n in runners}
+        faster = {n: 0 for n in runners}
+        for _ in range(rounds):
+            med = {}
+            for n, (r, inp) in runners.items():
+                t = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    r.run({inp: x})
+                    t.append(time.perf_counter() - t0)
+                times[n] += t
+                med[n] = float(np.median(t))
+            for n in runners:
+                faster[n] += all(med[n] < v for m, v in med.items() if m != n)
+    finally:
+        for r, _ in runners.values():
+            r.close()
+    return {"threads": threads, "batch": len(x), "rounds": rounds, "iters_per_round": iters,
+            "p50_ms": {n: round(1e3 * float(np.median(t)), 4) for n, t in times.items()}, "faster_rounds": faster}
+>>>>>>> issue21c

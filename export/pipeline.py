@@ -284,14 +284,21 @@ def _accuracy_gate(ctx: ExportContext, artifacts: list[dict], not_built: list[di
     from export.localize import describe
 
     recipe = ctx.recipe
-    if ctx.src.task != "classifier":
-        raise QBHeatError(f"--eval-data measures classifier heads (top-1 / top-5); this export's head is a {ctx.src.task}.")
-    data = load_eval_set(recipe.eval_data, {"head": {"labels": ctx.src.labels}, "preprocessing": ctx.pre.card()}, recipe.eval_limit)
+    key = "drop_mAP" if ctx.src.task == "detector" else "drop_top1"
     card = {"artifacts": artifacts}
-    ref_scores, results = evaluate.evaluate_all(ctx.tmp, card, data, ctx.reference, quiet=ctx.quiet)
-    ctx.eval_scores = (data, ref_scores)
-    over = evaluate.gate(results, card, recipe.max_drop) if recipe.max_drop is not None else []
-    ctx.evaluation = evaluate.evaluation_block(data, ref_scores, recipe.max_drop)
+    if ctx.src.task == "detector":  # COCO mAP on a COCO folder (export.eval_detection)
+        from export import eval_detection
+
+        data, results, over, ctx.evaluation = eval_detection.export_gate(ctx.tmp, artifacts, ctx.src.labels, ctx.pre.card(),
+                                                                        ctx.reference, recipe.eval_data, recipe.eval_limit, recipe.max_drop)
+    elif ctx.src.task != "classifier":
+        raise QBHeatError(f"--eval-data measures classifier heads (top-1) and detector heads (COCO mAP); this export's head is a {ctx.src.task}.")
+    else:
+        data = load_eval_set(recipe.eval_data, {"head": {"labels": ctx.src.labels}, "preprocessing": ctx.pre.card()}, recipe.eval_limit)
+        ref_scores, results = evaluate.evaluate_all(ctx.tmp, card, data, ctx.reference, quiet=ctx.quiet)
+        ctx.eval_scores = (data, ref_scores)
+        over = evaluate.gate(results, card, recipe.max_drop) if recipe.max_drop is not None else []
+        ctx.evaluation = evaluate.evaluation_block(data, ref_scores, recipe.max_drop)
     for art in artifacts:
         art["accuracy"] = results[art["path"]]
     probe = next(data.batches(16))[1]
@@ -299,7 +306,7 @@ def _accuracy_gate(ctx: ExportContext, artifacts: list[dict], not_built: list[di
         acc = results[art["path"]]
         div = divergence(ctx, art, probe)
         art["divergence"] = div
-        message = verdict.sentence(f"{art['format']} {art['precision']} ({art['path']})", acc["drop_top1_ci"]) + describe(div)
+        message = verdict.sentence(f"{art['format']} {art['precision']} ({art['path']})", acc[f"{key}_ci"]) + describe(div)
         if recipe.allow_mismatch:  # kept, and the card says so
             art["mismatch"] = True
             art["notes"].append("ACCURACY: " + message)
@@ -315,10 +322,11 @@ def _accuracy_gate(ctx: ExportContext, artifacts: list[dict], not_built: list[di
             print(f"[export]     DROPPED (over the accuracy budget): {message}", file=sys.stderr, flush=True)
     if not artifacts:
         raise AccuracyError(f"every artifact was over the --max-drop budget of {recipe.max_drop:g} points; nothing was written.")
-    worst = max((results[a["path"]] for a in artifacts if "drop_top1" in results[a["path"]]), key=lambda r: r["drop_top1"], default=None)
+    worst = max((results[a["path"]] for a in artifacts if key in results[a["path"]]), key=lambda r: r[key], default=None)
     budget = f", budget {recipe.max_drop:g}" if recipe.max_drop is not None else ""
-    return (f"PyTorch top-1 {ctx.evaluation['pytorch']['top1']:.2f} % on {len(data)} images; largest drop of those shipped "
-            f"{worst['drop_top1']:+.2f} points{budget}" if worst else "no artifact runs here")
+    metric = "mAP" if key == "drop_mAP" else "top1"
+    return (f"PyTorch {metric.replace('top1', 'top-1')} {ctx.evaluation['pytorch'][metric]:.2f} % on {len(data)} images; largest drop of "
+            f"those shipped {worst[key]:+.2f} points{budget}" if worst else "no artifact runs here")
 
 
 def _start_coreml_worker(ctx: ExportContext, plan: list[tuple[str, str]], steps: Steps):

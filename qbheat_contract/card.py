@@ -44,6 +44,11 @@ Added in ``/2`` (``qbheat-export eval`` and the export's ``--eval-data`` gate)::
                             {resamples, confidence, seed, method}, max_drop|null, created}
     artifacts[].accuracy   {top1, top5, drop_top1, drop_top1_ci: [lo, hi], drop_top5, drop_top5_ci, n, within_budget|null}
                            or {skipped: reason} where the artifact cannot run here
+    detector heads (evaluation.task "detection"; additive, same schema):
+    evaluation             {data, task: "detection", metric, pytorch: {mAP, AP50, AP75, detections, n},
+                            bootstrap: {resamples, confidence, seed, method}, max_drop|null, created}
+    artifacts[].accuracy   {mAP, AP50, AP75 (%), detections, drop_mAP (points), drop_mAP_ci: [lo, hi], n, within_budget|null}
+                           (cards written before the interval existed lack drop_mAP_ci and evaluation.bootstrap)
     artifacts[].divergence / not_built[].divergence
                            {module, cosine, tolerance, onnx_node, compared}: the first module whose intermediate
                            output falls below the cosine tolerance, where a parity or accuracy check failed

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", action="store_true", help="copy the bundle to the device, run it and fetch result.json next to --out")
     p.add_argument("--best", nargs="+", metavar="RUNS", help="bundle only the configuration 'report --recommend' picks for this target "
                    "from these bench results (or a report.json that holds recommendations); needs --max-drop unless a report is given")
-    p.add_argument("--max-drop", type=float, metavar="POINTS", help="the accuracy budget for --best, in top-1 points")
+    p.add_argument("--max-drop", type=float, metavar="POINTS", help="the accuracy budget for --best, in top-1 points (detector exports: COCO mAP points)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(profile, threads=(choice["threads"],), batch=(choice["batch"],),
                                       precision=choice["precision"])
         print(f"qbheat-export bundle: best on {profile.name}: {choice['format']}/{choice['precision']} {choice['artifact']}, "
-              f"threads {choice['threads']}, batch {choice['batch']} (p50 {choice['p50_ms']:.3f} ms, top-1 drop "
-              f"{choice['drop_top1']:+.2f} points)", file=sys.stderr)
+              f"threads {choice['threads']}, batch {choice['batch']} (p50 {choice['p50_ms']:.3f} ms, {choice.get('drop_metric') or 'top-1'} "
+              f"drop {choice.get('drop', choice['drop_top1']):+.2f} points)", file=sys.stderr)
     out = write_bundle(card, args.export_dir, profile, args.out, overwrite=args.force, only=only if args.best else None)
     result = Path(str(out).rstrip("/") + ".result.json")
     plan = remote_run_plan(parse_reach(profile.reach), out, result)

@@ -1,5 +1,5 @@
 """``qbheat-export report RUNS... [--compare BASELINE] [--recommend --max-drop POINTS] --out DIR``: merge runs
-into JSON, Markdown, HTML; with ``--recommend``, per target the fastest configuration whose top-1 drop fits
+into JSON, Markdown, HTML; with ``--recommend``, per target the fastest configuration whose top-1 drop (detector: mAP drop) fits
 (``deploy_targets.recommend``)."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any row regressed beyond the noise")
     p.add_argument("--recommend", action="store_true",
                    help="per target, the fastest configuration whose top-1 drop (from 'qbheat-export eval') is at most --max-drop")
-    p.add_argument("--max-drop", type=float, metavar="POINTS", help="the accuracy budget for --recommend, in top-1 points")
+    p.add_argument("--max-drop", type=float, metavar="POINTS", help="the accuracy budget for --recommend, in top-1 points (detector exports: COCO mAP points)")
 
 
 def run(args: argparse.Namespace) -> int:

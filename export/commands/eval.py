@@ -6,9 +6,10 @@ Examples:
     qbheat-export eval det_export/ --data runs/fm_canvas       # a detector: COCO mAP on a COCO folder (test, else val split)
 
 Top-1 / top-5 of the export's source model and of each artifact on the labelled set, the drop in
-points with a paired-bootstrap 95 % interval, written into the folder's ``model_card.json``.
+points with a paired-bootstrap 95 % interval, written into the folder's ``model_card.json``; for a
+detector, COCO mAP and its drop in mAP points, with the same interval (``export.eval_detection``).
 Exit status: 0; 2 for a user error (bad path, unknown source, folder without a card); 4 when
-``--max-drop`` is given and an artifact loses more top-1 points than it allows (results are recorded).
+``--max-drop`` is given and an artifact loses more top-1 (detector: mAP) points than it allows (results are recorded).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads per model (default 1: PyTorch runs beside the artifacts, one core each; 0 = each runtime's default)")
     p.add_argument("--checkpoint", metavar="FILE", help="the export's source checkpoint, where it moved (its SHA-256 must match the card)")
-    p.add_argument("--max-drop", type=float, metavar="POINTS", help="exit 4 when an artifact loses more top-1 points than this")
+    p.add_argument("--max-drop", type=float, metavar="POINTS", help="exit 4 when an artifact loses more top-1 points (detector: COCO mAP points) than this")
     p.add_argument("--out", metavar="JSON", help="also write the evaluation as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -84,20 +85,15 @@ def _run_detection(args: argparse.Namespace, folder: Path, card: dict) -> int:
     data = eval_detection.load_detection_set(args.data, card, args.limit)
     reference, _ = evaluate.reference_model(card, args.checkpoint)
     ref, results = eval_detection.evaluate(folder, card, data, reference, args.batch_size, args.threads)
-    over = [(art, results[art["path"]]) for art in card["artifacts"]
-            if args.max_drop is not None and results[art["path"]].get("drop_mAP", -1e9) > args.max_drop + 1e-9]
-    for art in card["artifacts"]:
-        r = results[art["path"]]
-        if args.max_drop is not None and "drop_mAP" in r:
-            r["within_budget"] = r["drop_mAP"] <= args.max_drop + 1e-9
+    over = eval_detection.gate(results, card, args.max_drop) if args.max_drop is not None else []
     block = eval_detection.block(data, ref, args.max_drop)
     evaluate.record(folder, card, block, results)
     if args.out:
         write_text_atomic(args.out, json.dumps({"evaluation": block, "artifacts": results}, indent=1) + "\n")
     print(eval_detection.format_table(card, block))
-    for art, r in over:
-        print(f"qbheat-export: accuracy: {art['format']} {art['precision']} ({art['path']}) loses {r['drop_mAP']:.2f} points of COCO mAP, "
-              f"over the --max-drop budget of {args.max_drop:g} points.", file=sys.stderr)
+    for art, verdict in over:
+        name = f"{art['format']} {art['precision']} ({art['path']})"
+        print(f"qbheat-export: accuracy: {verdict.sentence(name, results[art['path']]['drop_mAP_ci'])}.", file=sys.stderr)
     print(f"model card: {folder / 'model_card.json'}", file=sys.stderr)
     return ACCURACY_EXIT if over else 0
 

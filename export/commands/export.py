@@ -9,7 +9,7 @@ Examples:
 
 Exit status: 0 on success; 2 for a user error (unknown model, mismatched checkpoint, missing backend,
 unwritable --out, empty calibration folder); 3 when an artifact fails parity (nothing is written
-unless --allow-mismatch); 4 when an artifact loses more than --max-drop top-1 points on --eval-data
+unless --allow-mismatch); 4 when an artifact loses more than --max-drop top-1 points (a detector: COCO mAP points) on --eval-data
 (nothing is written unless --drop-mismatch, which leaves that artifact out).
 """
 from __future__ import annotations
@@ -51,10 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-mismatch", action="store_true", default=None, help="keep artifacts outside tolerance (recorded in the card)")
     p.add_argument("--drop-mismatch", action="store_true", default=None,
                    help="ship the artifacts that pass parity and list the others under not_built (fails only if none passes)")
-    p.add_argument("--eval-data", metavar="SOURCE", help="measure every artifact's top-1 against PyTorch on fashion-mnist (test split) or an ImageFolder tree")
+    p.add_argument("--eval-data", metavar="SOURCE", help="measure every artifact's top-1 against PyTorch on fashion-mnist (test split) or an ImageFolder tree; "
+                                                                "a detector: COCO mAP on a COCO folder (qbheat detect make-data)")
     p.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on an evenly spaced subset of N images")
     p.add_argument("--max-drop", type=float, metavar="POINTS",
-                   help="fail (exit 4, nothing written) when an artifact loses more top-1 points than this; with --drop-mismatch it is left out")
+                   help="fail (exit 4, nothing written) when an artifact loses more top-1 (detector: mAP) points than this; with --drop-mismatch it is left out")
     p.add_argument("--simplify", action="store_true", default=None, help="run onnxslim (kept only if outputs are unchanged)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out folder")
     p.add_argument("--serial", dest="parallel", action="store_false", default=None,

@@ -138,3 +138,29 @@ def test_report_html_with_the_pareto_plot_renders_in_headless_chromium(tmp_path)
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
     red = (img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] < 80)  # the front's #d62728
     assert red.sum() > 200
+
+
+def _detector_row(target: str, path: str, precision: str, p50: float, drop_map: float) -> dict:
+    row = _row(target, path, precision, p50, 0.05, None)
+    row["head"] = "detector"
+    row["accuracy"] = {"mAP": 40.0 - drop_map, "AP50": 70.0, "AP75": 40.0, "detections": 900, "drop_mAP": drop_map,
+                       "drop_mAP_ci": [drop_map - 0.4, drop_map + 0.4], "n": 500}
+    return row
+
+
+def test_detector_rows_are_judged_on_their_map_drop():
+    rows = [_detector_row("phone", "onnx/model.fp32.onnx", "fp32", 10.0, 0.0),
+            _detector_row("phone", "onnx/model.int8.onnx", "int8", 6.0, 0.8),
+            _detector_row("phone", "openvino/int8/model.xml", "int8", 3.0, 1.7)]  # fastest, but loses 1.7 mAP points
+    (rec,) = recommend(rows, max_drop=1.0)
+    c = rec["choice"]
+    assert (c["artifact"], c["drop"], c["drop_metric"], c["drop_top1"]) == ("onnx/model.int8.onnx", 0.8, "COCO mAP", None)
+    assert c["drop_ci"] == pytest.approx([0.4, 1.2]) and rec["unmeasured"] == []
+    assert rec["over_budget"] == [{"label": "phone · openvino/int8 · openvino · t2 b1", "drop_mAP": 1.7}]
+    assert recommend(rows, max_drop=0.5)[0]["choice"]["precision"] == "fp32"
+    from deploy_targets.recommend import format_recommendations
+
+    assert "COCO mAP drop +0.80 points (budget 1)" in format_recommendations([rec])[0]
+    from deploy_targets.report import _accuracy_cells
+
+    assert _accuracy_cells(rows[1]) == ["39.20 mAP", "+0.80 [+0.40, +1.20]"]

@@ -50,7 +50,7 @@ def trained_detector(tmp_path_factory):
                            "preprocessing": pre.to_dict()})
     out = root / "export"
     assert main(["export", "--quiet", "--checkpoint", str(ckpt), "--formats", "onnx", "--precision", "fp32", "--out", str(out)]) == 0
-    return {"data": data, "export": out, "backbone": backbone, "head": head, "pre": pre}
+    return {"data": data, "export": out, "backbone": backbone, "head": head, "pre": pre, "ckpt": ckpt}
 
 
 def _scale_box_regression(path, factor: float = -1.0) -> None:
@@ -86,6 +86,9 @@ def test_eval_of_a_detector_gives_the_probe_s_map_and_the_artifact_s_drop(traine
     (art,) = card["artifacts"]
     acc = art["accuracy"]
     assert acc["n"] == 80 and abs(acc["drop_mAP"]) < 0.05 and acc["mAP"] == pytest.approx(ev["pytorch"]["mAP"] - acc["drop_mAP"], abs=1e-3)
+    lo, hi = acc["drop_mAP_ci"]
+    assert lo <= acc["drop_mAP"] <= hi and hi - lo < 0.5  # the same detections up to float noise: a narrow interval
+    assert ev["bootstrap"]["resamples"] == 1000 and ev["bootstrap"]["method"].startswith("paired over images")
     assert "mAP %" in capsys.readouterr().out
 
     _scale_box_regression(out / art["path"])  # a copy whose box regression is off: the gate names it
@@ -96,11 +99,67 @@ def test_eval_of_a_detector_gives_the_probe_s_map_and_the_artifact_s_drop(traine
     budget = ev["pytorch"]["mAP"] / 2
     assert main(["eval", str(out), "--data", str(trained_detector["data"]), "--quiet", "--max-drop", f"{budget:.3f}"]) == 4
     err = capsys.readouterr().err
-    assert "onnx fp32 (onnx/model.fp32.onnx) loses" in err and "points of COCO mAP, over the --max-drop budget" in err
     bad = read_model_card(out)["artifacts"][0]["accuracy"]
-    assert bad["drop_mAP"] > budget and bad["within_budget"] is False
+    assert bad["drop_mAP"] > budget and bad["within_budget"] is False and bad["drop_mAP_ci"][0] > 0
+    lo, hi = bad["drop_mAP_ci"]
+    assert (f"onnx fp32 (onnx/model.fp32.onnx) loses {bad['drop_mAP']:.2f} points of COCO mAP (95 % CI {lo:.2f} to {hi:.2f}), "
+            f"over the --max-drop budget of {float(f'{budget:.3f}'):g} points" in err)
 
 
 def test_detector_eval_on_a_folder_without_annotations_is_a_user_error(trained_detector, tmp_path, capsys):
     assert main(["eval", str(trained_detector["export"]), "--data", str(tmp_path), "--quiet"]) == 2
     assert "is not a COCO folder" in capsys.readouterr().err
+
+
+def _shrinking_runners(monkeypatch, fmt: str):
+    """Runners of ``fmt`` artifacts whose boxes come out 0.7× as wide and tall (PyTorch and other formats untouched)."""
+    from export import evaluate
+
+    real = evaluate.artifact_runner
+
+    class Shrunk:
+        def __init__(self, runner):
+            self.runner = runner
+
+        def __getattr__(self, name):
+            return getattr(self.runner, name)
+
+        def run(self, inputs):
+            out = dict(self.runner.run(inputs))
+            b = np.array(out["boxes"], np.float32)
+            b[..., 2:] = b[..., :2] + 0.7 * (b[..., 2:] - b[..., :2])
+            out["boxes"] = b
+            return out
+
+    def runner(art, *a, **kw):
+        r = real(art, *a, **kw)
+        return Shrunk(r) if art["format"] == fmt and not isinstance(r, str) else r
+
+    monkeypatch.setattr(evaluate, "artifact_runner", runner)
+
+
+def test_export_gate_on_a_detector_fails_closed_on_the_map_drop_and_drop_mismatch_leaves_it_out(trained_detector, tmp_path, capsys,
+                                                                                                 monkeypatch):
+    pytest.importorskip("openvino")
+    args = ["export", "--quiet", "--checkpoint", str(trained_detector["ckpt"]), "--formats", "onnx,openvino", "--precision", "fp32",
+            "--eval-data", str(trained_detector["data"]), "--eval-limit", "40", "--max-drop", "1.0"]
+    good = tmp_path / "good"
+    assert main([*args, "--out", str(good)]) == 0
+    card = read_model_card(good)
+    assert card["evaluation"]["task"] == "detection" and card["evaluation"]["data"]["count"] == 40 and card["evaluation"]["max_drop"] == 1.0
+    assert all(a["accuracy"]["within_budget"] and "drop_mAP_ci" in a["accuracy"] for a in card["artifacts"])
+    capsys.readouterr()
+
+    _shrinking_runners(monkeypatch, "openvino")
+    bad = tmp_path / "bad"
+    assert main([*args, "--out", str(bad)]) == 4
+    err = capsys.readouterr().err
+    assert "openvino fp32 (openvino/fp32/model.xml) loses" in err and "points of COCO mAP (95 % CI" in err
+    assert "over the --max-drop budget of 1 points" in err and "nothing was written" in err and not bad.exists()
+
+    assert main([*args, "--out", str(bad), "--drop-mismatch"]) == 0
+    card = read_model_card(bad)
+    assert [(a["format"], a["precision"]) for a in card["artifacts"]] == [("onnx", "fp32")]
+    (dropped,) = [n for n in card["not_built"] if n["format"] == "openvino"]
+    assert dropped["reason"].startswith("accuracy: openvino fp32") and dropped["accuracy"]["drop_mAP"] > 1.0
+    assert not (bad / "openvino" / "fp32" / "model.xml").exists()

@@ -197,6 +197,7 @@ def test_openvino_search_leaves_no_fake_quantize_in_a_float_module(tmp_path):
 
     assert int8_auto.module_nodes(fp32, ["net.a"]) == {"A", "R"}  # every op of the module, not only its MatMul
     search = int8_auto.Search(fp32, _inputs(rng, 64), "x", int8_auto.Validation(data, ref), 8.0, scores_of, tmp_path)
+    search.latency_step = False  # the accuracy search alone (the latency step: the next test)
     model = ov.convert_model(str(fp32))
     q, record = search.openvino(model, tmp_path / "int8.xml", detector=False, quiet=True)
     assert record["float_modules"] == ["net.a"] and record["openvino_float_ops"] >= 2  # A and its Relu
@@ -208,3 +209,37 @@ def test_openvino_search_leaves_no_fake_quantize_in_a_float_module(tmp_path):
     assert "FakeQuantize" not in feeds("A") and "R" in by_name and "FakeQuantize" not in feeds("R")
     assert any(op.get_type_name() == "FakeQuantize" for op in q.get_ops())  # B is INT8
     assert openvino_format.ops_of_onnx_nodes(model, {"A"}) == ["A"]
+
+
+@pytest.mark.parametrize("candidate_faster", [True, False])
+def test_openvino_latency_step_keeps_the_matmuls_in_f32_only_when_that_is_faster(tmp_path, monkeypatch, candidate_faster):
+    """The step's decision on fixed timings (no clock in the test): faster in most rounds and by the median → kept."""
+    import openvino as ov
+
+    rng = np.random.default_rng(0)
+    fp32 = tmp_path / "model.onnx"
+    wa, wb = _two_layer_model(fp32, rng)
+    val_x = _inputs(rng, 500)
+    ref = np.maximum(val_x @ wa, 0) @ wb
+    data = types.SimpleNamespace(labels=ref.argmax(1), card=lambda: {"source": "synthetic", "count": len(val_x)})
+
+    def scores_of(fmt, path):
+        return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(val_x)[0]
+
+    timed = []
+
+    def fake_timing(paths, x, **kw):
+        timed.append(sorted(paths))
+        fast, slow = ("candidate", "search") if candidate_faster else ("search", "candidate")
+        return {"threads": 1, "batch": 1, "rounds": 7, "iters_per_round": 40, "p50_ms": {fast: 0.2, slow: 0.3},
+                "faster_rounds": {fast: 6, slow: 1}}
+
+    monkeypatch.setattr(int8_auto, "time_alternating", fake_timing)
+    search = int8_auto.Search(fp32, _inputs(rng, 64), "x", int8_auto.Validation(data, ref), 100.0, scores_of, tmp_path)
+    q, record = search.openvino(ov.convert_model(str(fp32)), tmp_path / "int8.xml", detector=False, quiet=True)
+    step = record["latency_step"]
+    assert timed == [["candidate", "search"]] and step["fits"] and step["kept"] is candidate_faster
+    saved = ov.Core().read_model(str(tmp_path / "int8.xml"))
+    fq = [op for op in saved.get_ops() if op.get_type_name() == "FakeQuantize"]
+    assert (not fq) if candidate_faster else fq  # the MatMuls in f32 where the candidate won; INT8 where it lost
+    assert record["float_modules"] == [] and (record["openvino_float_ops"] >= 2) is candidate_faster

@@ -256,7 +256,6 @@ class Search:
                                 for m in self._order] if self._order is not None else None}
 
 
-<<<<<<< HEAD
 def note(auto: dict) -> str:
     """The card's sentence about one artifact's search record: the float modules and the validation drop."""
     floats = auto["float_modules"]
@@ -264,7 +263,8 @@ def note(auto: dict) -> str:
             f"({', '.join(floats) if floats else 'none'}); validation top-1 drop {auto['validation_drop_top1']:+.2f} points "
             f"(95 % CI {auto['validation_drop_top1_ci'][0]:+.2f} to {auto['validation_drop_top1_ci'][1]:+.2f}) on "
             f"{auto['validation']['count']} images of {auto['validation']['source']}, budget {auto['budget']:g}")
-=======
+
+
 def time_alternating(paths: dict[str, Path], x: np.ndarray, rounds: int = 7, iters: int = 40, threads: int = 1) -> dict:
     """p50 (ms) of each OpenVINO IR at ``x``'s shape through ``deploy_targets``' runner, in alternating rounds
     (each round runs every IR ``iters`` times), and in how many rounds each was faster than the others' best."""
@@ -301,4 +301,3 @@ def time_alternating(paths: dict[str, Path], x: np.ndarray, rounds: int = 7, ite
             r.close()
     return {"threads": threads, "batch": len(x), "rounds": rounds, "iters_per_round": iters,
             "p50_ms": {n: round(1e3 * float(np.median(t)), 4) for n, t in times.items()}, "faster_rounds": faster}
->>>>>>> issue21c

@@ -31,7 +31,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,36 +147,14 @@ def profile(path: Path, size: int, threads: int, runs: int = 100) -> dict:
 
 
 def latency(irs: dict[str, Path], size: int, threads: int, rounds: int, iters: int) -> dict:
-    from deploy_targets.runners import get_runner
+    """Each IR against the FP32 one, alternating rounds (``export.int8_auto.time_alternating``)."""
+    from export.int8_auto import time_alternating
 
-    runners = {}
     x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-    for n, p in irs.items():
-        r = get_runner("openvino", threads=threads, precision="fp32")
-        r.load(p, batch=1)
-        runners[n] = (r, r.inputs()[0]["name"])
-    for r, name in runners.values():
-        for _ in range(30):
-            r.run({name: x})
-    times = {n: [] for n in runners}
-    faster = {n: 0 for n in runners}
-    for _ in range(rounds):
-        med = {}
-        for n, (r, name) in runners.items():
-            t = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                r.run({name: x})
-                t.append(time.perf_counter() - t0)
-            times[n] += t
-            med[n] = np.median(t)
-        for n in runners:
-            faster[n] += med[n] < med["fp32"]
-    for r, _ in runners.values():
-        r.close()
-    base = float(np.median(times["fp32"]))
-    return {n: {"p50_ms": round(1e3 * float(np.median(t)), 4), "ratio_to_fp32": round(float(np.median(t)) / base, 3),
-                "rounds_faster_than_fp32": int(faster[n])} for n, t in times.items()}
+    timing = time_alternating(irs, x, rounds=rounds, iters=iters, threads=threads, warmup=30)
+    p50 = timing["p50_ms"]
+    return {n: {"p50_ms": p50[n], "ratio_to_fp32": round(p50[n] / p50["fp32"], 3),
+                "rounds_faster_than_fp32": sum(m[n] < m["fp32"] for m in timing["round_p50_ms"])} for n in irs}
 
 
 def main() -> int:

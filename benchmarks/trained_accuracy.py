@@ -127,42 +127,17 @@ def _auto_summary(auto: dict | None) -> dict | None:
 
 
 def latency(paths: dict[str, Path], rounds: int, iters: int, threads: int = 2) -> dict:
-    """p50 (ms) per OpenVINO IR at batch 1, in alternating rounds (each round runs every IR ``iters`` times)."""
-    from deploy_targets.runners import get_runner
+    """p50 (ms) per OpenVINO IR at batch 1, in alternating rounds (``export.int8_auto.time_alternating``), each
+    against the FP32 IR's: the ratio of p50s and the rounds it was faster in."""
+    from export.int8_auto import time_alternating
 
-    runners, x = {}, None
-    for name, path in paths.items():
-        r = get_runner("openvino", threads=threads, precision="fp32" if "fp32" in name else "int8")
-        r.load(path, batch=1)
-        inp = r.inputs()[0]
-        x = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
-        runners[name] = (r, inp["name"])
-    times = {n: [] for n in runners}
-    for n, (r, name) in runners.items():  # warm-up
-        for _ in range(50):
-            r.run({name: x})
-    per_round = []
-    for _ in range(rounds):
-        med = {}
-        for n, (r, name) in runners.items():
-            t = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                r.run({name: x})
-                t.append(time.perf_counter() - t0)
-            times[n] += t
-            med[n] = float(np.median(t))
-        per_round.append(med)
-    for r, _ in runners.values():
-        r.close()
-    base = next(n for n in runners if "fp32" in n)
-    out = {"threads": threads, "batch": 1, "rounds": rounds, "iters_per_round": iters, "base": base, "p50_ms": {}, "ratio_to_fp32": {},
-           "rounds_faster_than_fp32": {}}
-    for n in runners:
-        out["p50_ms"][n] = round(1e3 * float(np.median(times[n])), 4)
-        out["ratio_to_fp32"][n] = round(float(np.median(times[n]) / np.median(times[base])), 3)
-        out["rounds_faster_than_fp32"][n] = sum(m[n] < m[base] for m in per_round)
-    return out
+    x = np.random.default_rng(0).normal(size=(1, 3, SIZE, SIZE)).astype(np.float32)
+    timing = time_alternating(paths, x, rounds=rounds, iters=iters, threads=threads, warmup=50)
+    base = next(n for n in paths if "fp32" in n)
+    p50 = timing["p50_ms"]
+    return {"threads": threads, "batch": 1, "rounds": rounds, "iters_per_round": iters, "base": base, "p50_ms": p50,
+            "ratio_to_fp32": {n: round(p50[n] / p50[base], 3) for n in paths},
+            "rounds_faster_than_fp32": {n: sum(m[n] < m[base] for m in timing["round_p50_ms"]) for n in paths}}
 
 
 def main() -> int:
@@ -265,6 +240,13 @@ def _walls(rr: dict) -> dict:
     return rr["wall_s"] if isinstance(rr["wall_s"], dict) else {rr["name"]: rr["wall_s"]}
 
 
+def _latency_table(lat: dict) -> list[str]:
+    """``latency()``'s result as Markdown table lines."""
+    return ["| IR | p50 ms | ÷ FP32 | rounds faster than FP32 |", "|---|---:|---:|---:|"] + \
+        [f"| {n} | {p:.3f} | {lat['ratio_to_fp32'][n]:.3f} | {lat['rounds_faster_than_fp32'][n]}/{lat['rounds']} |"
+         for n, p in lat["p50_ms"].items()]
+
+
 def markdown(doc: dict) -> str:
     tr, pt = doc["training"], doc["pytorch"]
     lines = [f"# trained_accuracy — {doc['date']}", "",
@@ -298,9 +280,7 @@ def markdown(doc: dict) -> str:
     lat = doc["latency"]
     lines += ["", f"## OpenVINO latency (batch 1, {lat['threads']} threads, {lat['rounds']} alternating rounds × {lat['iters_per_round']} runs, "
                   f"load average {doc['load_average_before_latency']:.2f} before)", "",
-              "| IR | p50 ms | ÷ FP32 | rounds faster than FP32 |", "|---|---:|---:|---:|"]
-    for n, p in lat["p50_ms"].items():
-        lines.append(f"| {n} | {p:.3f} | {lat['ratio_to_fp32'][n]:.3f} | {lat['rounds_faster_than_fp32'][n]}/{lat['rounds']} |")
+              *_latency_table(lat)]
     lines += ["", "Ratios are within one run on a shared 2-core machine; compare them, not the milliseconds, across runs."]
     if doc.get("note"):
         lines += ["", doc["note"]]
@@ -337,10 +317,7 @@ def markdown(doc: dict) -> str:
         lat = rr["latency"]
         lines += ["", f"OpenVINO latency, batch 1, {lat['threads']} threads, {lat['rounds']} alternating rounds × {lat['iters_per_round']} runs "
                       f"(load average {rr['load_average_before_latency']:.2f} before):", "",
-                  "| IR | p50 ms | ÷ FP32 | rounds faster than FP32 |", "|---|---:|---:|---:|"]
-        for n, p in lat["p50_ms"].items():
-            lines.append(f"| {n} | {p:.3f} | {lat['ratio_to_fp32'][n]:.3f} | {lat['rounds_faster_than_fp32'][n]}/{lat['rounds']} |")
-        lines.append("")
+                  *_latency_table(lat), ""]
     return "\n".join(lines) + "\n"
 
 

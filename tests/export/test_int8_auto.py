@@ -97,15 +97,22 @@ def _inputs(rng, n: int) -> np.ndarray:
     return x
 
 
-def test_a_deliberately_sensitive_layer_stays_in_float_and_the_rest_is_int8(tmp_path):
-    import onnxruntime as ort
-
+def _sensitive_problem(tmp_path, n: int):
+    """The two-layer model with its sensitive first layer, ``n`` validation inputs, PyTorch-free reference
+    scores and labels: (rng to draw calibration inputs from, model path, inputs, reference, labelled set)."""
     rng = np.random.default_rng(0)
     fp32 = tmp_path / "model.onnx"
     wa, wb = _two_layer_model(fp32, rng)
-    val_x = _inputs(rng, 2000)
+    val_x = _inputs(rng, n)
     ref = np.maximum(val_x @ wa, 0) @ wb
     data = types.SimpleNamespace(labels=ref.argmax(1), card=lambda: {"source": "synthetic", "count": len(val_x)})
+    return rng, fp32, val_x, ref, data
+
+
+def test_a_deliberately_sensitive_layer_stays_in_float_and_the_rest_is_int8(tmp_path):
+    import onnxruntime as ort
+
+    rng, fp32, val_x, ref, data = _sensitive_problem(tmp_path, 2000)
 
     def scores_of(fmt, path):  # the real ONNX Runtime session on the validation inputs
         assert fmt == "onnx"
@@ -181,12 +188,7 @@ def test_openvino_search_leaves_no_fake_quantize_in_a_float_module(tmp_path):
 
     from export import openvino_format
 
-    rng = np.random.default_rng(0)
-    fp32 = tmp_path / "model.onnx"
-    wa, wb = _two_layer_model(fp32, rng)
-    val_x = _inputs(rng, 1000)
-    ref = np.maximum(val_x @ wa, 0) @ wb
-    data = types.SimpleNamespace(labels=ref.argmax(1), card=lambda: {"source": "synthetic", "count": len(val_x)})
+    rng, fp32, val_x, ref, data = _sensitive_problem(tmp_path, 1000)
 
     def scores_of(fmt, path):  # real runtimes: ONNX Runtime for the ranking, OpenVINO for its own search
         if fmt == "onnx":
@@ -216,12 +218,7 @@ def test_openvino_latency_step_keeps_the_matmuls_in_f32_only_when_that_is_faster
     """The step's decision on fixed timings (no clock in the test): faster in most rounds and by the median → kept."""
     import openvino as ov
 
-    rng = np.random.default_rng(0)
-    fp32 = tmp_path / "model.onnx"
-    wa, wb = _two_layer_model(fp32, rng)
-    val_x = _inputs(rng, 500)
-    ref = np.maximum(val_x @ wa, 0) @ wb
-    data = types.SimpleNamespace(labels=ref.argmax(1), card=lambda: {"source": "synthetic", "count": len(val_x)})
+    rng, fp32, val_x, ref, data = _sensitive_problem(tmp_path, 500)
 
     def scores_of(fmt, path):
         return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(val_x)[0]

@@ -105,7 +105,7 @@ def pretrain_config(row: str, seed: int, max_epochs: float, args: argparse.Names
     overrides = dict(parse_assignment(s) for s in args.set) if row == "qbheat" else {}
     cfg = load_config(ROOT / "qbheat" / "configs" / f"{row}_fashion_mnist_micro.yaml", {
         **overrides, "epochs": max_epochs, "batch_size": args.batch_size, "image_size": args.image_size,
-        "seed": seed, "out_dir": str(Path(args.work_dir) / f"{row}_s{seed}"), "num_workers": 0, "progress": False,
+        "seed": seed, "out_dir": str(Path(args.work_dir) / run_name(row, seed, max_epochs)), "num_workers": 0, "progress": False,
         "tensorboard": False, "resume": "auto", "ckpt_every": 500, "log_every": 50})
     if row == "mocov2":
         cfg.mocov2.queue_size = min(cfg.mocov2.queue_size, args.batch_size * 32)  # ≤ 32 batches (tiny runs)
@@ -148,8 +148,18 @@ def milestones(args: argparse.Namespace, flops: dict[str, int]) -> dict[str, lis
 # One (row, seed) run: train to each milestone, probe it (worker process)
 # ---------------------------------------------------------------------------------------------
 
-def _milestone_file(args, row: str, seed: int, epochs: float) -> Path:
-    return Path(args.work_dir) / "milestones" / f"{row}_s{seed}_e{epochs:.4f}.json"
+def run_name(row: str, seed: int, schedule: float) -> str:
+    """One run per (row, seed, schedule): the learning-rate schedule depends on the schedule's length, so a
+    milestone of a 30-epoch run is not the same point as that milestone of a 10-epoch run."""
+    return f"{row}_s{seed}_sch{schedule:g}"
+
+
+def point_key(p: dict[str, Any]) -> tuple[str, int, float, float]:
+    return p["row"], p["seed"], round(p.get("schedule_epochs", 0.0), 4), round(p["epochs"], 4)
+
+
+def _milestone_file(args, row: str, seed: int, epochs: float, schedule: float) -> Path:
+    return Path(args.work_dir) / "milestones" / f"{run_name(row, seed, schedule)}_e{epochs:.4f}.json"
 
 
 def train_supervised(seed: int, epochs: float, max_epochs: float, args: argparse.Namespace) -> Path:
@@ -161,7 +171,7 @@ def train_supervised(seed: int, epochs: float, max_epochs: float, args: argparse
     from qbheat.checkpoint import save_checkpoint
     from qbheat.data.build import GlobalStepSampler
 
-    out = Path(args.work_dir) / f"supervised_s{seed}"
+    out = Path(args.work_dir) / run_name("supervised", seed, max_epochs)
     out.mkdir(parents=True, exist_ok=True)
     last = out / "last.pt"
     steps = GlobalStepSampler(60_000, args.batch_size)
@@ -212,12 +222,13 @@ def run_task(row: str, seed: int, todo: list[float], max_epochs: float, flops: i
             backbone = build_backbone(load_checkpoint(snapshot, kinds=("pretrain",)))
         train_s = time.perf_counter() - t0
         res = evaluate_backbone(backbone, data, args, seed)
-        prev = _load_prev_train_s(args, row, seed, epochs)
-        record = {"row": row, "seed": seed, "epochs": epochs, "schedule_epochs": max_epochs if row != "random" else 0.0,
+        schedule = max_epochs if row != "random" else 0.0
+        prev = _load_prev_train_s(args, row, seed, epochs, schedule)
+        record = {"row": row, "seed": seed, "epochs": epochs, "schedule_epochs": schedule,
                   "steps": steps, "step_flops": flops,
                   "pretrain_flops": flops * steps, "pretrain_wall_s": prev + (train_s if row != "random" else 0.0),
                   "cpu": cpu_model(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **res}
-        f = _milestone_file(args, row, seed, epochs)
+        f = _milestone_file(args, row, seed, epochs, schedule)
         f.parent.mkdir(parents=True, exist_ok=True)
         from qbheat.checkpoint import atomic_write_bytes
 
@@ -226,10 +237,10 @@ def run_task(row: str, seed: int, todo: list[float], max_epochs: float, flops: i
     return done
 
 
-def _load_prev_train_s(args, row: str, seed: int, epochs: float) -> float:
+def _load_prev_train_s(args, row: str, seed: int, epochs: float, schedule: float) -> float:
     """Wall-clock pre-training seconds of this run up to its previous milestone (cumulative compute)."""
     best, when = 0.0, -1.0
-    for f in (Path(args.work_dir) / "milestones").glob(f"{row}_s{seed}_e*.json"):
+    for f in (Path(args.work_dir) / "milestones").glob(f"{run_name(row, seed, schedule)}_e*.json"):
         r = json.loads(f.read_text())
         if when < r["epochs"] < epochs:
             best, when = r["pretrain_wall_s"], r["epochs"]
@@ -241,28 +252,29 @@ def _load_prev_train_s(args, row: str, seed: int, epochs: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def merge_results(args: argparse.Namespace, previous: dict[str, Any]) -> dict[str, Any]:
-    points = {f"{p['row']}|{p['seed']}|{p['epochs']:.4f}": p for p in previous.get("points", [])}
+    points = {point_key(p): p for p in previous.get("points", [])}
     for f in sorted((Path(args.work_dir) / "milestones").glob("*.json")):
         p = json.loads(f.read_text())
-        points[f"{p['row']}|{p['seed']}|{p['epochs']:.4f}"] = p
-    return dict(previous, points=sorted(points.values(), key=lambda p: (ROWS.index(p["row"]), p["epochs"], p["seed"])))
+        points[point_key(p)] = p
+    return dict(previous, points=sorted(points.values(), key=lambda p: (ROWS.index(p["row"]), p.get("schedule_epochs", 0.0),
+                                                                         p["epochs"], p["seed"])))
 
 
 def aggregate(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
     for p in points:
-        groups.setdefault((p["row"], round(p["epochs"], 4)), []).append(p)
+        groups.setdefault((p["row"], round(p.get("schedule_epochs", 0.0), 4), round(p["epochs"], 4)), []).append(p)
     out = []
-    for (row, epochs), ps in groups.items():
+    for (row, schedule, epochs), ps in groups.items():
         agg = {"row": row, "epochs": epochs, "n": len(ps), "seeds": sorted(p["seed"] for p in ps),
-               "schedule_epochs": max(p.get("schedule_epochs", 0.0) for p in ps),
+               "schedule_epochs": schedule,
                "pretrain_flops": statistics.fmean(p["pretrain_flops"] for p in ps),
                "pretrain_wall_s": statistics.fmean(p["pretrain_wall_s"] for p in ps)}
         for m in METRICS:
             v = [p["metrics"][m] for p in ps if p["metrics"].get(m) is not None]
             agg[m] = {"mean": statistics.fmean(v) if v else None, "std": statistics.stdev(v) if len(v) > 1 else 0.0}
         out.append(agg)
-    return sorted(out, key=lambda a: (ROWS.index(a["row"]), a["epochs"]))
+    return sorted(out, key=lambda a: (ROWS.index(a["row"]), a["epochs"], a["schedule_epochs"]))
 
 
 def _beats(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, float]:
@@ -274,7 +286,9 @@ def _beats(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, float]:
 
 def verdicts(agg: list[dict[str, Any]], raw_linear: float | None, ratio: float) -> list[str]:
     """Issue 19's targets, judged at every schedule where both sides were measured."""
-    at = {(a["row"], round(a["epochs"], 2)): a for a in agg}
+    at: dict[tuple[str, float], dict[str, Any]] = {}
+    for a in sorted(agg, key=lambda a: a["schedule_epochs"]):  # the same milestone of several schedules: the longest
+        at[(a["row"], round(a["epochs"], 2))] = a
     qb = sorted((a for a in agg if a["row"] == "qbheat"), key=lambda a: a["epochs"])
     out = []
     rnd = at.get(("random", 0.0))
@@ -300,7 +314,7 @@ def verdicts(agg: list[dict[str, Any]], raw_linear: float | None, ratio: float) 
             spread = max(a["det_mAP"]["std"], eq["det_mAP"]["std"])
             v = "at least MoCo-v2's" if m >= 0 else "below, within 2 × spread" if m >= -2 * spread else "below"
             parts.append(f"detection vs MoCo-v2 at equal compute ({eq['epochs']:.2f} ep) {100 * m:+.1f} mAP ({v})")
-        out.append(f"- QB-Heat at {a['epochs']:g} epochs: " + "; ".join(parts))
+        out.append(f"- QB-Heat at {a['epochs']:g} epochs (schedule {a['schedule_epochs']:g}): " + "; ".join(parts))
     return out
 
 
@@ -350,12 +364,14 @@ def write_svg(agg: list[dict[str, Any]], path: Path, raw_linear: float | None) -
                 if val is not None:
                     svg.append(f'<line x1="{ox + pad}" x2="{ox + W - 10}" y1="{Y(val)}" y2="{Y(val)}" stroke="#888" '
                                f'stroke-dasharray="{dash}"/><text x="{ox + W - 80}" y="{Y(val) - 3}" fill="#666">{TITLES[ref]}</text>')
-            for row, col in colours.items():
-                series = sorted((a for a in trained if a["row"] == row), key=lambda a: a[xkey])
-                if not series:
-                    continue
-                svg.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>' % (
-                    col, " ".join(f"{X(a[xkey]):.1f},{Y(100 * a[m]['mean']):.1f}" for a in series)))
+            lines = [(row, col, si, sched) for row, col in colours.items()
+                     for si, sched in enumerate(sorted({a["schedule_epochs"] for a in trained if a["row"] == row}))]
+            for row, col, si, sched in lines:  # one line per run schedule; a row's longer schedules dashed
+                series = sorted((a for a in trained if a["row"] == row and a["schedule_epochs"] == sched),
+                                key=lambda a: a[xkey])
+                dash = f' stroke-dasharray="{6 - 2 * min(si, 2)},3"' if si else ""
+                svg.append('<polyline fill="none" stroke="%s" stroke-width="2"%s points="%s"/>' % (
+                    col, dash, " ".join(f"{X(a[xkey]):.1f},{Y(100 * a[m]['mean']):.1f}" for a in series)))
                 for a in series:
                     y, e = 100 * a[m]["mean"], 100 * a[m]["std"]
                     svg.append(f'<circle cx="{X(a[xkey]):.1f}" cy="{Y(y):.1f}" r="3" fill="{col}"/>')
@@ -425,13 +441,14 @@ def main(argv=None) -> dict[str, Any]:
     if "raw_pixels_linear" not in result:
         result["raw_pixels_linear"] = evaluate_raw(data, 0)["metrics"]["linear"]
     result = merge_results(args, result)
-    have = {(p["row"], p["seed"], round(p["epochs"], 4)) for p in result["points"]}
+    have = {point_key(p) for p in result["points"]}
     tasks = []
     for row in args.rows:
+        max_epochs = args.max_epochs or max(plan[row]) or 1.0
+        schedule = round(max_epochs, 4) if row != "random" else 0.0
         for seed in args.seeds:
-            missing = [e for e in plan[row] if (row, seed, round(e, 4)) not in have]
+            missing = [e for e in plan[row] if (row, seed, schedule, round(e, 4)) not in have]
             if missing:
-                max_epochs = args.max_epochs or max(plan[row]) or 1.0
                 tasks.append((row, seed, missing, max_epochs))
     # Milestone by milestone across runs: every run's first milestone before any run's second, so that a
     # session that stops early leaves comparable points of every row (a run's milestones stay in order).

@@ -150,21 +150,22 @@ def to_markdown(doc: dict[str, Any]) -> str:
         for c in doc["comparisons"]:
             verdict = f"**{c['verdict']}**" if c["verdict"] == "regression" else c["verdict"]
             lines.append(f"| {c['key']} | {_f(c['baseline_p50'])} | {_f(c['p50'])} | {c['delta'] * 100:+.1f} % | {c['threshold'] * 100:.1f} % | {verdict} |")
-    targets = [t for t in dict.fromkeys(r["target"] for r in rows) if _accuracy_points(rows, t)]
+    targets = [t for t in dict.fromkeys(r["target"] for r in rows) if _accuracy_points(rows, t)[1]]
     if targets:
         from .recommend import pareto_front
 
-        lines += ["", "## Accuracy vs latency", "", "| target | configuration | p50 ms | top-1 % | Pareto front |", "|---|---|---:|---:|---|"]
+        lines += ["", "## Accuracy vs latency", "", "| target | configuration | p50 ms | accuracy % | Pareto front |", "|---|---|---:|---:|---|"]
         for t in targets:
-            pts = _accuracy_points(rows, t)
+            metric, pts = _accuracy_points(rows, t)
             front = set(pareto_front([(x, y) for x, y, _ in pts]))
             for i, (x, y, r) in enumerate(pts):
-                lines.append(f"| {t} | {row_label(r)} | {_f(x)} | {y:.2f} | {'yes' if i in front else ''} |")
+                lines.append(f"| {t} | {row_label(r)} | {_f(x)} | {y:.2f} {METRIC_TITLES[metric]} | {'yes' if i in front else ''} |")
     if doc.get("recommendations") is not None:
         from .recommend import format_recommendations
 
-        lines += ["", f"## Recommendation (top-1 drop at most {doc['recommendations'][0]['max_drop']:g} points)" if doc["recommendations"]
-                  else "## Recommendation", ""] + [f"- {line.strip()}" for line in format_recommendations(doc["recommendations"])]
+        recs = doc["recommendations"]
+        metric = next((r["choice"].get("drop_metric") for r in recs if r.get("choice") and r["choice"].get("drop_metric")), "top-1")
+        lines += ["", f"## Recommendation ({metric} drop at most {recs[0]['max_drop']:g} points)" if recs else "## Recommendation", ""] + [f"- {line.strip()}" for line in format_recommendations(doc["recommendations"])]
     warnings = [f"{row_label(r)}: {w}" for r in rows for w in r.get("warnings", [])]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
@@ -248,19 +249,30 @@ def _legend(colors: dict[tuple, str], width: int, top: int) -> list[str]:
             for i, (key, color) in enumerate(colors.items())]
 
 
-def _accuracy_points(rows: list[dict[str, Any]], target: str) -> list[tuple[float, float, dict[str, Any]]]:
-    return [(r["steady"]["p50"], float(r["accuracy"]["top1"]), r) for r in rows
-            if r["target"] == target and r.get("steady") and "top1" in (r.get("accuracy") or {})]
+METRIC_TITLES = {"top1": "top-1", "mAP": "COCO mAP"}  # the task metric of a classifier head, of a detector head
+
+
+def _accuracy_points(rows: list[dict[str, Any]], target: str) -> tuple[str, list[tuple[float, float, dict[str, Any]]]]:
+    """(metric, [(p50 ms, metric %, row)]) of ``target``'s measured rows: top-1 where the card has it (classifier
+    heads), else COCO mAP (detector heads)."""
+    measured = [r for r in rows if r["target"] == target and r.get("steady") and r.get("accuracy")]
+    for metric in METRIC_TITLES:
+        pts = [(r["steady"]["p50"], float(r["accuracy"][metric]), r) for r in measured if r["accuracy"].get(metric) is not None]
+        if pts:
+            return metric, pts
+    return "top1", []
 
 
 def svg_accuracy_pareto(rows: list[dict[str, Any]], target: str, width: int = 700, height: int = 380) -> str:
-    """Top-1 accuracy against p50 latency for one target, the Pareto front (no other configuration both
-    faster and more accurate) drawn as a line through its points, which are ringed."""
+    """The task metric (top-1, or COCO mAP for a detector) against p50 latency for one target, the Pareto
+    front (no other configuration both faster and more accurate) drawn as a line through its points, which
+    are ringed."""
     from .recommend import pareto_front
 
-    pts = _accuracy_points(rows, target)
+    metric, pts = _accuracy_points(rows, target)
     if not pts:
         return ""
+    name = METRIC_TITLES[metric]
     front = pareto_front([(x, y) for x, y, _ in pts])
     left, right, top, bottom = 70, 20, 30, 50
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -270,12 +282,12 @@ def svg_accuracy_pareto(rows: list[dict[str, Any]], target: str, width: int = 70
     px = lambda x: left + x * sx  # noqa: E731
     py = lambda y: height - bottom - (y - y0) * sy  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot pareto-plot" data-target="{_esc(target)}" width="{width}" height="{height}" '
-             f'role="img" aria-label="top-1 accuracy vs p50 latency on {_esc(target)}">',
-             f'<text x="{left}" y="18" font-size="13" font-weight="bold">{_esc(target)}: top-1 accuracy vs p50 latency (Pareto front in red)</text>',
+             f'role="img" aria-label="{name} vs p50 latency on {_esc(target)}">',
+             f'<text x="{left}" y="18" font-size="13" font-weight="bold">{_esc(target)}: {name} vs p50 latency (Pareto front in red)</text>',
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#999"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>',
              f'<text x="{(left + width) / 2}" y="{height - 12}" font-size="11" text-anchor="middle">p50 latency (ms)</text>',
-             f'<text x="14" y="{(top + height) / 2}" font-size="11" transform="rotate(-90 14 {(top + height) / 2})" text-anchor="middle">top-1 %</text>']
+             f'<text x="14" y="{(top + height) / 2}" font-size="11" transform="rotate(-90 14 {(top + height) / 2})" text-anchor="middle">{name} %</text>']
     for t in range(5):
         xv, yv = x1 * t / 4, y0 + (y1 - y0) * t / 4
         parts.append(f'<text x="{px(xv):.1f}" y="{height - bottom + 15}" font-size="10" text-anchor="middle">{xv:.3g}</text>')
@@ -289,7 +301,7 @@ def svg_accuracy_pareto(rows: list[dict[str, Any]], target: str, width: int = 70
         on = i in front
         ring = ' stroke="#d62728" stroke-width="2.5"' if on else ""
         parts.append(f'<circle class="{"pareto" if on else "config"}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="{7 if on else 5}" fill="{color}"{ring}>'
-                     f'<title>{_esc(row_label(r))}: top-1 {y:.2f} % at {x:.3f} ms{" (Pareto front)" if on else ""}</title></circle>')
+                     f'<title>{_esc(row_label(r))}: {name} {y:.2f} % at {x:.3f} ms{" (Pareto front)" if on else ""}</title></circle>')
     parts += _legend(colors, width, top)
     parts.append("</svg>")
     return "\n".join(parts)

@@ -156,25 +156,40 @@ class ExportContext:
         return self._tensorrt_qdq
 
     def int8_search(self):
-        """``--int8-scope auto``'s search (export.int8_auto): validation set, PyTorch's scores on it, module ranking."""
+        """``--int8-scope auto``'s search (export.int8_auto): validation set, PyTorch's outputs on it, module ranking."""
         if self._search is None:
             from export import evaluate, int8_auto
-            from export.eval_data import load_eval_set
 
             r = self.recipe
             steps_note = f"--int8-scope auto: sensitivity and float modules on {r.validation_source} ({r.int8_validation_limit} images)"
             if not self.quiet:
                 print(f"[export]     {steps_note}", file=sys.stderr, flush=True)
-            data = load_eval_set(r.validation_source, {"head": {"labels": self.src.labels}, "preprocessing": self.pre.card()},
-                                 r.int8_validation_limit)
-            validation = int8_auto.Validation(data, evaluate.torch_scores(self.reference, data, quiet=True, threads=evaluate.THREADS))
+            card = {"head": {"labels": self.src.labels}, "preprocessing": self.pre.card()}
+            if self.src.task == "detector":  # COCO mAP on a val split (the reported --eval-data reads test)
+                from export import eval_detection as ed
+
+                splits = ("val",) if r.validation_source == r.eval_data else ("val", "test")
+                data = ed.load_detection_set(r.validation_source, card, r.int8_validation_limit, splits)
+                validation = int8_auto.DetectionValidation(data, ed.torch_outputs(self.reference, data),
+                                                           ed.nms_of(self.reference, self.pre.height))
+
+                def measured_outputs(runner):
+                    return ed.runner_outputs(runner, data)
+            else:
+                from export.eval_data import load_eval_set
+
+                data = load_eval_set(r.validation_source, card, r.int8_validation_limit)
+                validation = int8_auto.Validation(data, evaluate.torch_scores(self.reference, data, quiet=True, threads=evaluate.THREADS))
+
+                def measured_outputs(runner):
+                    return evaluate.runner_scores(runner, data, quiet=True)
             workdir = self.path(".int8_auto", "x").parent
             self.scratch.append(workdir)
 
-            def scores_of(fmt: str, path: Path) -> np.ndarray:
+            def scores_of(fmt: str, path: Path):
                 runner = evaluate.artifact_runner({"format": fmt, "precision": "int8"}, path, threads=evaluate.THREADS)
                 try:
-                    return evaluate.runner_scores(runner, data, quiet=True)
+                    return measured_outputs(runner)
                 finally:
                     runner.close()
 

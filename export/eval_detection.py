@@ -53,16 +53,24 @@ class DetectionSet:
             yield rows, self.x[rows]
 
 
-def load_detection_set(source: str, card: dict, limit: int | None = None) -> DetectionSet:
+def coco_splits(source: str | Path) -> list[str]:
+    """The splits of a COCO folder (``annotations/instances_<split>.json``), or [] where it is none."""
+    ann = Path(source).expanduser() / "annotations"
+    return sorted(f.name[len("instances_"):-len(".json")] for f in ann.glob("instances_*.json")) if ann.is_dir() else []
+
+
+def load_detection_set(source: str, card: dict, limit: int | None = None, splits: tuple[str, ...] = ("test", "val")) -> DetectionSet:
+    """The first of ``splits`` that ``source`` holds (the reported evaluation: test, else val; ``--int8-scope
+    auto``'s validation: val), preprocessed as the card says, its categories mapped to the model's labels."""
     from qbheat.evaluation.detection import load_coco_split
     from qbheat.evaluation.features import ProbePreprocessing as Preprocessing, as_uint8_chw
 
     root = Path(source).expanduser()
     if not (root / "annotations").is_dir():
-        raise QBHeatError(f"--data {source} is not a COCO folder (no annotations/); write one with 'qbheat detect make-data --out DIR'.")
-    split = next((s for s in ("test", "val") if (root / "annotations" / f"instances_{s}.json").is_file()), None)
+        raise QBHeatError(f"{source} is not a COCO folder (no annotations/); write one with 'qbheat detect make-data --out DIR'.")
+    split = next((s for s in splits if (root / "annotations" / f"instances_{s}.json").is_file()), None)
     if split is None:
-        raise QBHeatError(f"{root / 'annotations'} has neither instances_test.json nor instances_val.json.")
+        raise QBHeatError(f"{root / 'annotations'} has none of {', '.join(f'instances_{s}.json' for s in splits)}.")
     data = load_coco_split(root, split, limit)
     labels = (card.get("head") or {}).get("labels") or []
     names = data.class_names
@@ -247,6 +255,27 @@ def torch_detections(model, data: DetectionSet, batch: int, size: int, threads: 
     return out
 
 
+def torch_outputs(model, data: DetectionSet, batch: int = 64) -> dict[str, np.ndarray]:
+    """PyTorch's outputs by name on every image of ``data`` (concatenated over batches)."""
+    parts: dict[str, list] = {}
+    with torch.no_grad():
+        for _, x in data.batches(batch):
+            for name, o in zip(model.output_names, model(torch.from_numpy(x))):
+                parts.setdefault(name, []).append(o.numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def runner_outputs(runner, data: DetectionSet, batch: int = 64) -> dict[str, np.ndarray]:
+    """A loaded runner's outputs by name on every image of ``data`` (an ``nms`` export's detections padded
+    to its fixed maximum, so batches concatenate)."""
+    name = runner.inputs()[0]["name"]
+    parts: dict[str, list] = {}
+    for _, x in data.batches(batch):
+        for k, v in runner.run({name: np.ascontiguousarray(x)}).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 def evaluate(folder: Path, card: dict, data: DetectionSet, reference, batch: int = 64, threads: int = 1) -> tuple[dict, dict]:
     """(PyTorch's metrics, {artifact path: entry}) — entries hold mAP, AP50, AP75 (%), drop_mAP (points) and
     drop_mAP_ci (its paired-bootstrap interval)."""
@@ -328,12 +357,11 @@ def format_table(card: dict, ev: dict) -> str:
     return "\n".join(lines)
 
 
-def export_gate(folder: Path, artifacts: list[dict], labels, preprocessing: dict, reference, source: str, limit: int | None,
+def export_gate(folder: Path, artifacts: list[dict], labels, preprocessing: dict, reference, data: DetectionSet,
                 max_drop: float | None):
-    """The export's ``--eval-data`` gate for a detector head: (data, results, over-budget (artifact, verdict)
-    pairs, the card's evaluation block), for ``export.pipeline._accuracy_gate``."""
+    """The export's ``--eval-data`` gate for a detector head on ``data`` (``load_detection_set``): (results,
+    over-budget (artifact, verdict) pairs, the card's evaluation block), for ``export.pipeline._accuracy_gate``."""
     card = {"artifacts": artifacts, "head": {"labels": labels}, "preprocessing": preprocessing}
-    data = load_detection_set(source, card, limit)
     ref, results = evaluate(folder, card, data, reference)
     over = gate(results, card, max_drop) if max_drop is not None else []
-    return data, results, over, block(data, ref, max_drop)
+    return results, over, block(data, ref, max_drop)

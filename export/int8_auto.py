@@ -1,5 +1,5 @@
 """``--int8-scope auto``: INT8 from the widest scope, with the most sensitive modules kept in float
-until the top-1 drop fits ``--max-drop``.
+until the task metric's drop (top-1 for a classifier head, COCO mAP for a detector head) fits ``--max-drop``.
 
 1. Modules: every quantisable ONNX node (``INT8_SCOPES[START]``'s op types: Conv, Gemm, MatMul)
    belongs to the module it was created in, cut at ``MODULE_DEPTH`` (the deepest scope of
@@ -7,8 +7,9 @@ until the top-1 drop fits ``--max-drop``.
    ``backbone.stem.1``, ``head.fc``), so a Mobile-Former block splits into its mobile, former and
    bridge parts.
 2. Sensitivity, on the *validation* set (never the reported ``--eval-data``): each module quantised
-   alone (ONNX Runtime QDQ, the rest float), scored by the top-1 flips against PyTorch (points),
-   ties broken by the mean squared logit error. Calibration runs once (ONNX Runtime's range cache).
+   alone (ONNX Runtime QDQ, the rest float), scored by the top-1 flips against PyTorch (points; for a
+   detector: images whose highest-scoring detection changes class), ties broken by the mean squared error
+   of the outputs. Calibration runs once (ONNX Runtime's range cache).
 3. Greedy, per backend (ONNX Runtime's QDQ file, the TensorRT-style Q/DQ file, OpenVINO through
    NNCF's ``IgnoredScope`` by node name): float set = the k most sensitive modules, k = 0, 1, ...;
    stop at the first k whose drop fits. "Fits" is ours: the upper end of the paired-bootstrap 95 %
@@ -88,10 +89,12 @@ def node_outputs(onnx_path: str | Path, names: set[str]) -> set[str]:
 
 @dataclass
 class Validation:
-    """The validation images (an ``EvalSet``) with PyTorch's scores on them."""
+    """The validation images (an ``EvalSet``) with PyTorch's scores on them (a classifier head: top-1)."""
 
     data: object  # export.eval_data.EvalSet
     ref_scores: np.ndarray
+    metric = "top1"  # the measured dicts' drop key is f"drop_{metric}"
+    title = "top-1"
 
     @property
     def labels(self) -> np.ndarray:
@@ -106,9 +109,47 @@ class Validation:
         return {"drop_top1": drop["drop"], "drop_top1_ci": drop["ci"], "flips": round(flips, 4), "logit_mse": mse}
 
 
+class DetectionValidation:
+    """The validation canvases (an ``export.eval_detection.DetectionSet``) with PyTorch's outputs on them (a
+    detector head: COCO mAP). ``measure`` takes a model's outputs on them, by output name, concatenated over
+    the images (``eval_detection.runner_outputs``)."""
+
+    metric = "mAP"
+    title = "COCO mAP"
+
+    def __init__(self, data, ref_outputs: dict[str, np.ndarray], nms):
+        from export import eval_detection as ed
+
+        self.data, self.ref_outputs, self.nms = data, ref_outputs, nms
+        self._ref_dets = ed.detections(ref_outputs, nms)
+        self._ref_matches = ed.CocoMatches.of(data.split.coco, ed.coco_detections(self._ref_dets, data))
+
+    @staticmethod
+    def _top_labels(dets) -> np.ndarray:
+        return np.asarray([int(lab[np.argmax(sc)]) if len(sc) else -1 for _, sc, lab in dets])
+
+    def measure(self, outputs: dict[str, np.ndarray]) -> dict:
+        """COCO mAP drop against PyTorch (with its paired-bootstrap interval), the images whose highest-scoring
+        detection changes class (points) and the mean squared error of the outputs PyTorch has too."""
+        from export import eval_detection as ed
+
+        dets = ed.detections(outputs, self.nms)
+        drop = ed.paired_map_drop(self._ref_matches, ed.CocoMatches.of(self.data.split.coco, ed.coco_detections(dets, self.data)))
+        flips = 100.0 * float(np.mean(self._top_labels(dets) != self._top_labels(self._ref_dets)))
+        same = [k for k, v in self.ref_outputs.items() if k in outputs and np.shape(outputs[k]) == np.shape(v)
+                and np.issubdtype(np.asarray(v).dtype, np.floating)]
+        mse = float(np.mean([np.mean((np.asarray(outputs[k], np.float64) - self.ref_outputs[k]) ** 2) for k in same])) if same else 0.0
+        return {"drop_mAP": drop["drop"], "drop_mAP_ci": drop["ci"], "flips": round(flips, 4), "logit_mse": mse}
+
+
+def drop_key(measured: dict) -> str:
+    """The measured dict's drop key: ``drop_top1`` (classifier) or ``drop_mAP`` (detector)."""
+    return next(k for k in measured if k.startswith("drop_") and not k.endswith("_ci"))
+
+
 def fits(measured: dict, budget: float) -> bool:
     """Our rule: the upper end of the validation drop's 95 % interval is within the budget."""
-    return measured["drop_top1_ci"][1] <= budget + 1e-9
+    return measured[f"{drop_key(measured)}_ci"][1] <= budget + 1e-9
 
 
 def rank(sensitivity: dict[str, dict]) -> list[str]:
@@ -127,7 +168,8 @@ def greedy(order: list[str] | Callable[[], list[str]], trial: Callable[[list[str
     while True:
         floats = [] if k == 0 else order[:k]
         measured = trial(floats)
-        trials.append({"float_modules": k, **{key: measured[key] for key in ("drop_top1", "drop_top1_ci", "flips")}})
+        key = drop_key(measured)
+        trials.append({"float_modules": k, **{name: measured[name] for name in (key, f"{key}_ci", "flips")}})
         if fits(measured, budget):
             return floats, trials
         if callable(order):
@@ -145,7 +187,7 @@ class Search:
         from export.quantize import INT8_SCOPES
 
         self.fp32, self.calib, self.input_name, self.val, self.budget = Path(fp32_onnx), calib, input_name, validation, budget
-        self.scores_of = scores_of  # (format, file) → N×C scores on the validation set
+        self.scores_of = scores_of  # (format, file) → what ``validation.measure`` takes: N×C scores, or a detector's outputs
         self.workdir = workdir
         self.groups = module_groups(self.fp32, INT8_SCOPES[START]["onnx_op_types"])
         self._order: list[str] | None = None
@@ -227,9 +269,10 @@ class Search:
         cand_xml = self.workdir / "openvino_latency" / "model.xml"
         openvino_format.save(model, cand_xml, compress_to_fp16=False)
         measured = self.val.measure(self.scores_of("openvino", cand_xml))
+        key = drop_key(measured)
         step = {"candidate": "search's float modules + MatMul/Softmax/MVN/Add/Multiply/Maximum ops in f32 (no weight compression)",
-                "candidate_float_ops": len(ignored), "candidate_validation_drop_top1": measured["drop_top1"],
-                "candidate_validation_drop_top1_ci": measured["drop_top1_ci"], "fits": fits(measured, self.budget)}
+                "candidate_float_ops": len(ignored), f"candidate_validation_{key}": measured[key],
+                f"candidate_validation_{key}_ci": measured[f"{key}_ci"], "fits": fits(measured, self.budget)}
         if step["fits"]:
             timing = {k: v for k, v in time_alternating({"search": dst_xml, "candidate": cand_xml}, self.calib[:1]).items()
                       if k != "round_p50_ms"}  # the card keeps the summary
@@ -242,27 +285,29 @@ class Search:
             return chosen["model"], record
         openvino_format.save(model, dst_xml, compress_to_fp16=False)
         record["openvino_float_ops"] = len(ignored)
-        record["validation_drop_top1"], record["validation_drop_top1_ci"] = measured["drop_top1"], measured["drop_top1_ci"]
+        record[f"validation_{key}"], record[f"validation_{key}_ci"] = measured[key], measured[f"{key}_ci"]
         return model, record
 
     def record(self, floats: list[str], trials: list[dict]) -> dict:
         """What the card says of one backend's search."""
         last = next(t for t in reversed(trials) if t["float_modules"] == len(floats))
-        return {"start_scope": START, "module_depth": MODULE_DEPTH, "budget": self.budget,
+        key = drop_key(last)
+        return {"start_scope": START, "module_depth": MODULE_DEPTH, "budget": self.budget, "metric": self.val.title,
                 "rule": "keep the most sensitive modules in float until the upper end of the validation drop's 95 % interval fits the budget",
                 "validation": self.val.data.card(), "modules": len(self.groups),
                 "float_modules": list(floats), "float_nodes": self.float_nodes(floats),
-                "validation_drop_top1": last["drop_top1"], "validation_drop_top1_ci": last["drop_top1_ci"], "trials": trials,
-                "sensitivity": [{"module": m, **{k: self.sensitivity[m][k] for k in ("flips", "drop_top1", "logit_mse")}}
+                f"validation_{key}": last[key], f"validation_{key}_ci": last[f"{key}_ci"], "trials": trials,
+                "sensitivity": [{"module": m, **{k: self.sensitivity[m][k] for k in ("flips", key, "logit_mse")}}
                                 for m in self._order] if self._order is not None else None}
 
 
 def note(auto: dict) -> str:
     """The card's sentence about one artifact's search record: the float modules and the validation drop."""
     floats = auto["float_modules"]
+    key = "validation_drop_mAP" if "validation_drop_mAP" in auto else "validation_drop_top1"
     return (f"--int8-scope auto: {len(floats)} of {auto['modules']} modules kept in float "
-            f"({', '.join(floats) if floats else 'none'}); validation top-1 drop {auto['validation_drop_top1']:+.2f} points "
-            f"(95 % CI {auto['validation_drop_top1_ci'][0]:+.2f} to {auto['validation_drop_top1_ci'][1]:+.2f}) on "
+            f"({', '.join(floats) if floats else 'none'}); validation {auto.get('metric', 'top-1')} drop {auto[key]:+.2f} points "
+            f"(95 % CI {auto[f'{key}_ci'][0]:+.2f} to {auto[f'{key}_ci'][1]:+.2f}) on "
             f"{auto['validation']['count']} images of {auto['validation']['source']}, budget {auto['budget']:g}")
 
 

@@ -44,6 +44,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -198,6 +199,8 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
 
     deploy = DeployableModel(reparameterize_model(src.backbone), src.head, src.variant)
     params, macs = count_macs(reference, size)
+    # --eval-data is read now, so that a folder the head cannot be measured on fails before any conversion
+    eval_set = _load_eval_set(recipe, src) if recipe.eval_data else None
     steps.done(f"{src.name} + {src.task} ({src.variant}), {params / 1e6:.2f} M params, {macs / 1e6:.1f} M MACs at {size}")
 
     steps.start(SETUP_STEPS[1])
@@ -247,7 +250,7 @@ def _run(recipe: ExportRecipe, formats: list[str], not_built: list[dict], tmp: P
         raise ParityError("every artifact was outside its tolerance; nothing was written.")
     if recipe.eval_data:
         steps.start(f"accuracy on {recipe.eval_data}")
-        steps.done(_accuracy_gate(ctx, artifacts, not_built))
+        steps.done(_accuracy_gate(ctx, eval_set, artifacts, not_built))
 
     if trt_check_needed:
         steps.start(TENSORRT_CHECK_STEP)
@@ -275,12 +278,26 @@ def _build(ctx: ExportContext, fmt: str, precision: str) -> dict:
         raise BuildError(fmt, precision, e) from e
 
 
-def _accuracy_gate(ctx: ExportContext, artifacts: list[dict], not_built: list[dict]) -> str:
-    """Top-1 of every shipped artifact against PyTorch on ``--eval-data``; over ``--max-drop`` → fail closed
-    (or, with ``--drop-mismatch``, leave that artifact out). Parity ran first, so this sees only artifacts
-    that agree with PyTorch on the parity images."""
-    from export import evaluate
+def _load_eval_set(recipe: ExportRecipe, src) -> Any:
+    """``--eval-data`` as the head measures it: an EvalSet (classifier, top-1) or a DetectionSet (detector, COCO
+    mAP), preprocessed as the model card says; a source that does not fit the head raises QBHeatError."""
+    card = {"head": {"labels": src.labels}, "preprocessing": src.pre.card()}
+    if src.task == "detector":
+        from export.eval_detection import load_detection_set
+
+        return load_detection_set(recipe.eval_data, card, recipe.eval_limit)
+    if src.task != "classifier":
+        raise QBHeatError(f"--eval-data measures classifier heads (top-1) and detector heads (COCO mAP); this export's head is a {src.task}.")
     from export.eval_data import load_eval_set
+
+    return load_eval_set(recipe.eval_data, card, recipe.eval_limit)
+
+
+def _accuracy_gate(ctx: ExportContext, data: Any, artifacts: list[dict], not_built: list[dict]) -> str:
+    """The task metric of every shipped artifact against PyTorch on ``--eval-data`` (``data``, read by
+    ``_load_eval_set``); over ``--max-drop`` → fail closed (or, with ``--drop-mismatch``, leave that artifact
+    out). Parity ran first, so this sees only artifacts that agree with PyTorch on the parity images."""
+    from export import evaluate
     from export.localize import describe
 
     recipe = ctx.recipe
@@ -289,12 +306,9 @@ def _accuracy_gate(ctx: ExportContext, artifacts: list[dict], not_built: list[di
     if ctx.src.task == "detector":  # COCO mAP on a COCO folder (export.eval_detection)
         from export import eval_detection
 
-        data, results, over, ctx.evaluation = eval_detection.export_gate(ctx.tmp, artifacts, ctx.src.labels, ctx.pre.card(),
-                                                                        ctx.reference, recipe.eval_data, recipe.eval_limit, recipe.max_drop)
-    elif ctx.src.task != "classifier":
-        raise QBHeatError(f"--eval-data measures classifier heads (top-1) and detector heads (COCO mAP); this export's head is a {ctx.src.task}.")
+        results, over, ctx.evaluation = eval_detection.export_gate(ctx.tmp, artifacts, ctx.src.labels, ctx.pre.card(),
+                                                                  ctx.reference, data, recipe.max_drop)
     else:
-        data = load_eval_set(recipe.eval_data, {"head": {"labels": ctx.src.labels}, "preprocessing": ctx.pre.card()}, recipe.eval_limit)
         ref_scores, results = evaluate.evaluate_all(ctx.tmp, card, data, ctx.reference, quiet=ctx.quiet)
         ctx.eval_scores = (data, ref_scores)
         over = evaluate.gate(results, card, recipe.max_drop) if recipe.max_drop is not None else []

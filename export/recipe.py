@@ -108,11 +108,12 @@ class ExportRecipe:
         if self.calibration_count < 1:
             raise QBHeatError("--calibration-count must be at least 1.")
         if self.max_drop is not None and not self.eval_data:
-            raise QBHeatError("--max-drop needs --eval-data SOURCE (fashion-mnist or an ImageFolder tree) to measure the drop on.")
+            raise QBHeatError("--max-drop needs --eval-data SOURCE (fashion-mnist, an ImageFolder tree or a COCO folder) to measure the drop on.")
         if self.max_drop is not None and self.max_drop < 0:
             raise QBHeatError("--max-drop must be a non-negative number of points.")
         if self.eval_data and self.eval_data != "fashion-mnist" and not Path(self.eval_data).expanduser().is_dir():
-            raise QBHeatError(f"--eval-data {self.eval_data} is neither 'fashion-mnist' nor an existing folder; pass an ImageFolder tree of class sub-folders.")
+            raise QBHeatError(f"--eval-data {self.eval_data} is neither 'fashion-mnist' nor an existing folder; pass an ImageFolder tree of "
+                              "class sub-folders (a classifier) or a COCO folder (a detector).")
         if self.int8_scope == AUTO:
             self._validate_auto()
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -124,10 +125,11 @@ class ExportRecipe:
     def _validate_auto(self) -> None:
         if self.max_drop is None or not self.eval_data:
             raise QBHeatError("--int8-scope auto needs --max-drop POINTS and --eval-data SOURCE: it keeps modules in float until "
-                              "the measured top-1 drop fits that budget.")
-        if self.int8_validation is None and self.eval_data != "fashion-mnist":
+                              "the measured drop (top-1, or COCO mAP for a detector) fits that budget.")
+        if self.int8_validation is None and self.eval_data != "fashion-mnist" and not self._coco_with_val():
             raise QBHeatError("--int8-scope auto needs --int8-validation SOURCE (labelled images other than --eval-data's) to "
-                              "choose the float modules on; only --eval-data fashion-mnist has a default (its training split).")
+                              "choose the float modules on; only --eval-data fashion-mnist (its training split) and a COCO folder "
+                              "with test and val splits (its val split) have a default.")
         if self.int8_validation is not None and self.int8_validation == self.eval_data:
             raise QBHeatError("--int8-validation must differ from --eval-data: the float modules are chosen on one set and the "
                               "drop is reported on the other.")
@@ -139,8 +141,16 @@ class ExportRecipe:
 
     @property
     def validation_source(self) -> str:
-        """Where ``--int8-scope auto`` measures: ``int8_validation``, else Fashion-MNIST's training split."""
-        return self.int8_validation or "fashion-mnist-train"
+        """Where ``--int8-scope auto`` measures: ``int8_validation``, else Fashion-MNIST's training split, else
+        (a COCO ``--eval-data`` with test and val splits) that folder, whose val split it reads."""
+        if self.int8_validation:
+            return self.int8_validation
+        return self.eval_data if self._coco_with_val() else "fashion-mnist-train"
+
+    def _coco_with_val(self) -> bool:
+        from export.eval_detection import coco_splits
+
+        return bool(self.eval_data) and self.eval_data != "fashion-mnist" and {"test", "val"} <= set(coco_splits(self.eval_data))
 
 
 def _split(v) -> list[str]:

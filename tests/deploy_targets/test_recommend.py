@@ -119,6 +119,22 @@ def test_pareto_svg_marks_the_front():
     assert 'class="pareto-front"' in svg and svg_accuracy_pareto(_rows_for_two_devices(), "nowhere") == ""
 
 
+def test_a_detectors_rows_are_plotted_and_recommended_by_coco_map(tmp_path):
+    rows = _rows_for_two_devices()[:3]
+    for r in rows:  # a detector export's card: COCO mAP and its drop, no top-1
+        drop = r["accuracy"]["drop_top1"]
+        r["head"], r["accuracy"] = "detector", {"mAP": 30.0 - drop, "AP50": 50.0, "drop_mAP": drop, "drop_mAP_ci": [drop - 0.2, drop + 0.2]}
+    svg = svg_accuracy_pareto(rows, "laptop")
+    assert "laptop: COCO mAP vs p50 latency" in svg and ">COCO mAP %</text>" in svg and "top-1" not in svg
+    assert svg.count('class="pareto"') == 2 and svg.count('class="config"') == 1
+    run = write_document(dict(new_document(["bench"], {"min_runs": 30}, {}), rows=rows), tmp_path / "a.json")
+    doc = build_report([run], tmp_path / "out", max_drop=1.0)
+    assert doc["recommendations"][0]["choice"]["precision"] == "int8"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Recommendation (COCO mAP drop at most 1 points)" in md and "| laptop | " in md and " COCO mAP | yes |" in md
+    assert "laptop: COCO mAP vs p50 latency" in (tmp_path / "out" / "report.html").read_text()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
 def test_report_html_with_the_pareto_plot_renders_in_headless_chromium(tmp_path):
     from PIL import Image

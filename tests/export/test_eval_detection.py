@@ -20,7 +20,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @pytest.fixture(scope="module")
 def trained_detector(tmp_path_factory):
-    """A detector head trained briefly on frozen resnet10t features of 300 canvases (96 px, input 64 px), and 80 test canvases."""
+    """A detector head trained briefly on frozen resnet10t features of 300 canvases (96 px, input 64 px), 80 test and 60 val canvases."""
     from qbheat.checkpoint import save_checkpoint
     from qbheat.data import fashion_mnist
     from qbheat.data.detection_canvas import write_coco
@@ -35,6 +35,7 @@ def trained_detector(tmp_path_factory):
     data = root / "canvas"
     write_coco(data, "train", 300)
     write_coco(data, "test", 80)
+    write_coco(data, "val", 60)
     train = load_coco_split(data, "train")
     pre = Preprocessing(input_size=(3, SIZE, SIZE), mean=MEAN, std=STD, interpolation="bilinear", crop_pct=1.0)
     torch.manual_seed(0)
@@ -111,6 +112,21 @@ def test_detector_eval_on_a_folder_without_annotations_is_a_user_error(trained_d
     assert "is not a COCO folder" in capsys.readouterr().err
 
 
+def test_export_of_a_detector_with_a_non_coco_eval_folder_fails_before_any_conversion(trained_detector, tmp_path, capsys,
+                                                                                       monkeypatch):
+    from export import pipeline
+
+    def no_build(*a, **kw):
+        raise AssertionError("an artifact was built before --eval-data was checked")
+
+    monkeypatch.setattr(pipeline, "_build", no_build)
+    out = tmp_path / "out"
+    assert main(["export", "--quiet", "--checkpoint", str(trained_detector["ckpt"]), "--formats", "onnx", "--precision", "fp32",
+                 "--eval-data", str(tmp_path), "--out", str(out)]) == 2
+    assert f"{tmp_path} is not a COCO folder (no annotations/)" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
 def _shrinking_runners(monkeypatch, fmt: str):
     """Runners of ``fmt`` artifacts whose boxes come out 0.7× as wide and tall (PyTorch and other formats untouched)."""
     from export import evaluate
@@ -163,3 +179,50 @@ def test_export_gate_on_a_detector_fails_closed_on_the_map_drop_and_drop_mismatc
     (dropped,) = [n for n in card["not_built"] if n["format"] == "openvino"]
     assert dropped["reason"].startswith("accuracy: openvino fp32") and dropped["accuracy"]["drop_mAP"] > 1.0
     assert not (bad / "openvino" / "fp32" / "model.xml").exists()
+
+
+def test_detection_validation_measures_the_map_drop_and_the_class_flips(trained_detector):
+    from export import eval_detection as ed
+    from export.deployable import DeployableModel
+    from export.int8_auto import DetectionValidation, fits
+
+    card = {"head": {"labels": list(__import__("qbheat.data.fashion_mnist", fromlist=["CLASSES"]).CLASSES)},
+            "preprocessing": trained_detector["pre"].to_dict()}
+    data = ed.load_detection_set(str(trained_detector["data"]), card, splits=("val",))
+    assert data.source.endswith("(val split)") and len(data) == 60
+    model = DeployableModel(trained_detector["backbone"], trained_detector["head"], "decode").eval()
+    ref = ed.torch_outputs(model, data, batch=16)
+    val = DetectionValidation(data, ref, ed.nms_of(model, SIZE))
+    same = val.measure(ref)
+    assert same["drop_mAP"] == 0.0 and same["drop_mAP_ci"] == [0.0, 0.0] and same["flips"] == 0.0 and same["logit_mse"] == 0.0
+    assert fits(same, 0.0)
+    shrunk = dict(ref, boxes=ref["boxes"].copy())
+    b = shrunk["boxes"]
+    b[..., 2:] = b[..., :2] + 0.5 * (b[..., 2:] - b[..., :2])  # every box half as wide and tall: IoU 0.25 at best
+    worse = val.measure(shrunk)
+    ref_map = ed.coco_result(ed.detections(ref, val.nms), data)["mAP"]
+    assert ref_map > 0.5 and worse["drop_mAP"] > 0.8 * ref_map and worse["drop_mAP_ci"][0] > 0 and worse["logit_mse"] > 0
+    assert not fits(worse, 0.5 * ref_map)
+    swapped = dict(ref, scores=ref["scores"][..., ::-1].copy())  # class scores reversed: the top detections change class
+    assert val.measure(swapped)["flips"] > 50
+
+
+def test_export_auto_on_a_detector_searches_on_the_val_split_and_reports_on_test(trained_detector, tmp_path):
+    pytest.importorskip("openvino")
+    out = tmp_path / "auto"
+    assert main(["export", "--quiet", "--checkpoint", str(trained_detector["ckpt"]), "--formats", "onnx,openvino", "--precision", "int8",
+                 "--int8-scope", "auto", "--max-drop", "3.0", "--eval-data", str(trained_detector["data"]), "--eval-limit", "80",
+                 "--out", str(out)]) == 0
+    card = read_model_card(out)
+    assert card["evaluation"]["task"] == "detection" and card["evaluation"]["data"]["source"].endswith("(test split)")
+    for art in card["artifacts"]:
+        auto = art["int8_auto"]
+        assert auto["metric"] == "COCO mAP" and auto["budget"] == 3.0 and auto["start_scope"] == "all"
+        assert auto["validation"]["source"].endswith("(val split)") and auto["validation"]["count"] == 60
+        assert auto["validation_drop_mAP_ci"][1] <= 3.0 or len(auto["float_modules"]) == auto["modules"]
+        if auto["sensitivity"] is not None:  # the float set is the ranking's prefix
+            ranked = [s["module"] for s in auto["sensitivity"]]
+            assert auto["float_modules"] == ranked[:len(auto["float_modules"])] and "drop_mAP" in auto["sensitivity"][0]
+        assert any(n.startswith("--int8-scope auto:") and "validation COCO mAP drop" in n for n in art["notes"])
+        assert "drop_mAP" in art["accuracy"] and art["accuracy"]["n"] == 80
+    assert card["recipe"]["int8_scope"] == "auto" and not (out / ".int8_auto").exists()

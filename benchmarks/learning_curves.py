@@ -369,7 +369,7 @@ def write_svg(agg: list[dict[str, Any]], path: Path, raw_linear: float | None) -
             for row, col, si, sched in lines:  # one line per run schedule; a row's longer schedules dashed
                 series = sorted((a for a in trained if a["row"] == row and a["schedule_epochs"] == sched),
                                 key=lambda a: a[xkey])
-                dash = f' stroke-dasharray="{6 - 2 * min(si, 2)},3"' if si else ""
+                dash = "" if si == 0 else ' stroke-dasharray="6,3"' if si == 1 else ' stroke-dasharray="2,2"'
                 svg.append('<polyline fill="none" stroke="%s" stroke-width="2"%s points="%s"/>' % (
                     col, dash, " ".join(f"{X(a[xkey]):.1f},{Y(100 * a[m]['mean']):.1f}" for a in series)))
                 for a in series:

@@ -40,10 +40,17 @@ def test_learning_curves_smoke_probes_every_milestone_and_resumes(tmp_path, monk
         again = lc.main(argv + ["--rows", "supervised"])
         assert len(again["points"]) == len(result["points"]) + 2
         assert len(again["runs"]) == 2
+        # a longer schedule is its own run: the same milestones again, kept beside the first schedule's
+        longer = lc.main(argv + ["--rows", "qbheat", "--max-epochs", "0.016"])
+        new = [p for p in longer["points"] if p["row"] == "qbheat" and p["schedule_epochs"] == 0.016]
+        assert len(longer["points"]) == len(again["points"]) + 2 * len(plan["qbheat"]) == len(again["points"]) + len(new)
+        groups = [(a["epochs"], a["schedule_epochs"]) for a in longer["summary"] if a["row"] == "qbheat"]
+        assert sorted(groups) == sorted((round(e, 4), s) for e in plan["qbheat"] for s in (max(plan["qbheat"]), 0.016))
+        assert (tmp_path / "qbheat_s0_sch0.016").is_dir()
     finally:
         torch.set_num_threads(before)
     saved = json.loads((tmp_path / "results" / "learning_curves.json").read_text())
     assert {a["row"] for a in saved["summary"]} == {"random", "supervised", "qbheat", "mocov2"}
     svg = (tmp_path / "results" / "learning_curves.svg").read_text()
-    assert svg.startswith("<svg") and svg.count("<polyline") >= 3
+    assert svg.startswith("<svg") and svg.count("<polyline") >= 3 and 'stroke-dasharray="6,3"' in svg  # the longer schedule, dashed
     assert "| QB-Heat |" in (tmp_path / "results" / "learning_curves.md").read_text()

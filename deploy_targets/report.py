@@ -165,7 +165,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
 
         recs = doc["recommendations"]
         metric = next((r["choice"].get("drop_metric") for r in recs if r.get("choice") and r["choice"].get("drop_metric")), "top-1")
-        lines += ["", f"## Recommendation ({metric} drop at most {recs[0]['max_drop']:g} points)" if recs else "## Recommendation", ""] + [f"- {line.strip()}" for line in format_recommendations(doc["recommendations"])]
+        lines += ["", f"## Recommendation ({metric} drop at most {recs[0]['max_drop']:g} points)" if recs else "## Recommendation", ""]
+        lines += [f"- {line.strip()}" for line in format_recommendations(recs)]
     warnings = [f"{row_label(r)}: {w}" for r in rows for w in r.get("warnings", [])]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]

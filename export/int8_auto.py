@@ -93,8 +93,7 @@ class Validation:
 
     data: object  # export.eval_data.EvalSet
     ref_scores: np.ndarray
-    metric = "top1"  # the measured dicts' drop key is f"drop_{metric}"
-    title = "top-1"
+    title = "top-1"  # the task metric, as the card names it (its drop key: drop_top1)
 
     @property
     def labels(self) -> np.ndarray:
@@ -114,8 +113,7 @@ class DetectionValidation:
     detector head: COCO mAP). ``measure`` takes a model's outputs on them, by output name, concatenated over
     the images (``eval_detection.runner_outputs``)."""
 
-    metric = "mAP"
-    title = "COCO mAP"
+    title = "COCO mAP"  # its drop key: drop_mAP
 
     def __init__(self, data, ref_outputs: dict[str, np.ndarray], nms):
         from export import eval_detection as ed

@@ -357,7 +357,7 @@ def write_svg(agg: list[dict[str, Any]], path: Path, raw_linear: float | None) -
                 if X(v) - last_tick < 30:
                     continue
                 last_tick = X(v)
-                svg.append(f'<text x="{X(v) - 8}" y="{oy + H - 20}" fill="#666">{v / 1e12:.2g}</text>' if logx else
+                svg.append(f'<text x="{X(v) - 8}" y="{oy + H - 20}" fill="#666">{v / 1e12:.3g}</text>' if logx else
                            f'<text x="{X(v) - 4}" y="{oy + H - 20}" fill="#666">{v:.2g}</text>')
             for ref, val, dash in (("random", next((100 * a[m]["mean"] for a in pts if a["row"] == "random"), None), "4,3"),
                                    ("raw", 100 * raw_linear if m == "linear" and raw_linear else None, "1,3")):

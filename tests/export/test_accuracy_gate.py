@@ -3,6 +3,7 @@ that loses more top-1 than the budget, name it, its drop and the budget, and nam
 whose intermediate output departs from PyTorch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -33,13 +34,14 @@ def _scale_conv_channels(path: Path, module: str = "backbone.layer2.0.downsample
     return module
 
 
-def _scale_class_row(path: Path, factor: float = 1.1, cls: int = 6) -> None:
-    """Scale the classifier's weights for one class (a bias towards 'Shirt'), in place."""
+def _shift_class_bias(path: Path, delta: float = 0.15, cls: int = 6) -> None:
+    """Raise the classifier's bias for one class (a bias towards 'Shirt'), in place: this head's logits are about
+    0.5 in size, so 0.15 moves enough argmaxes to cost about 1.8 top-1 points on 2000 images."""
     model = onnx.load(str(path))
     gemm = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
-    init = next(t for t in model.graph.initializer if t.name == gemm.input[1])
+    init = next(t for t in model.graph.initializer if t.name == gemm.input[2])
     arr = numpy_helper.to_array(init).copy()
-    arr[cls] *= factor
+    arr[cls] += delta
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     onnx.save(model, str(path))
 
@@ -76,11 +78,11 @@ def test_export_gate_records_accuracy_and_fails_closed_on_a_perturbed_int8_file(
     from export import quantize
 
     args = ["export", "--checkpoint", str(fashion_ckpt), "--formats", "onnx", "--precision", "fp32,int8", "--calibration", str(calib),
-            "--calibration-count", "32", "--eval-data", "fashion-mnist", "--eval-limit", "2000", "--max-drop", "0.5", "--quiet"]
+            "--calibration-count", "32", "--eval-data", "fashion-mnist", "--eval-limit", "2000", "--max-drop", "1.0", "--quiet"]
     good = tmp_path / "good"
     assert main([*args, "--out", str(good)]) == 0
     card = read_model_card(good)
-    assert card["evaluation"]["max_drop"] == 0.5 and card["evaluation"]["data"]["count"] == 2000
+    assert card["evaluation"]["max_drop"] == 1.0 and card["evaluation"]["data"]["count"] == 2000
     assert all(a["accuracy"]["within_budget"] for a in card["artifacts"])
     capsys.readouterr()
 
@@ -88,14 +90,20 @@ def test_export_gate_records_accuracy_and_fails_closed_on_a_perturbed_int8_file(
 
     def biased(src, dst, *a, **kw):  # the INT8 file's classifier favours one class: parity passes, accuracy does not
         notes = real(src, dst, *a, **kw)
-        _scale_class_row(Path(dst))
+        _shift_class_bias(Path(dst))
         return notes
+
+    # This random-init fixture's INT8 file sits near parity's cosine line (about 0.975 at batch 4 with 7-bit
+    # weights), so parity's INT8 line is lowered here: the test is about the accuracy gate that runs after it.
+    from qbheat_contract import parity
+
+    monkeypatch.setitem(parity.TOLERANCES, "int8", dataclasses.replace(parity.TOLERANCES["int8"], cosine=0.9))
 
     monkeypatch.setattr(quantize, "quantize_onnx_int8", biased)
     bad = tmp_path / "bad"
     assert main([*args, "--out", str(bad)]) == 4
     err = capsys.readouterr().err
-    assert "accuracy gate failed: onnx int8 (onnx/model.int8.onnx) loses" in err and "over the --max-drop budget of 0.5 points" in err
+    assert "accuracy gate failed: onnx int8 (onnx/model.int8.onnx) loses" in err and "over the --max-drop budget of 1 points" in err
     assert "nothing was written" in err and not bad.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -103,7 +111,7 @@ def test_export_gate_records_accuracy_and_fails_closed_on_a_perturbed_int8_file(
     card = read_model_card(bad)
     assert [(a["format"], a["precision"]) for a in card["artifacts"]] == [("onnx", "fp32")]
     (dropped,) = [n for n in card["not_built"] if n["format"] == "onnx"]
-    assert dropped["precision"] == "int8" and dropped["reason"].startswith("accuracy: onnx int8") and dropped["accuracy"]["drop_top1"] > 0.5
+    assert dropped["precision"] == "int8" and dropped["reason"].startswith("accuracy: onnx int8") and dropped["accuracy"]["drop_top1"] > 1.0
     assert not (bad / "onnx" / "model.int8.onnx").exists()
 
 

@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or an ImageFolder path with train/ and test/ sub-folders")
     p.add_argument("--model", default=DEFAULTS["model"], help=f"backbone (default {DEFAULTS['model']})")
     p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="input size, multiple of 32 (default 64)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="pre-training steps (default 1404: three epochs of Fashion-MNIST; fewer are faster, but one epoch does not reliably beat random init)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
+                   help="pre-training steps (default 1404: three epochs of Fashion-MNIST; one epoch is faster but does not "
+                        "reliably beat random init)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="pre-training batch (default 128)")
     p.add_argument("--probe-train", type=int, default=DEFAULTS["probe_train"],
                    help="training images for the classifier head (default 10000)")

@@ -68,7 +68,8 @@ def load_detection_set(source: str, card: dict, limit: int | None = None, splits
     root = Path(source).expanduser()
     if not (root / "annotations").is_dir():
         raise QBHeatError(f"{source} is not a COCO folder (no annotations/); write one with 'qbheat detect make-data --out DIR'.")
-    split = next((s for s in splits if (root / "annotations" / f"instances_{s}.json").is_file()), None)
+    have = coco_splits(root)
+    split = next((s for s in splits if s in have), None)
     if split is None:
         raise QBHeatError(f"{root / 'annotations'} has none of {', '.join(f'instances_{s}.json' for s in splits)}.")
     data = load_coco_split(root, split, limit)
@@ -91,13 +92,18 @@ def load_detection_set(source: str, card: dict, limit: int | None = None, splits
     return DetectionSet(f"{root} ({split} split)", data, x, (w / size[2], h / size[1]), label_to_category)
 
 
-def detections(outputs: dict[str, np.ndarray], nms) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per image (boxes D×4, scores D, labels D) from one batch of a model's named outputs."""
-    if "num_detections" not in outputs:  # decode variant: the head's NMS
-        b, s, lab, count = nms(np.asarray(outputs["boxes"], np.float32), np.asarray(outputs["scores"], np.float32))
-    else:
+def detections(outputs: dict[str, np.ndarray], nms, batch: int = 64) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image (boxes D×4, scores D, labels D) from a model's named outputs on any number of images; a decode
+    variant's outputs go through the head's NMS ``batch`` images at a time (its IoU matrices grow with the batch)."""
+    if "num_detections" in outputs:
         b, s, lab, count = (np.asarray(outputs[k]) for k in ("boxes", "scores", "labels", "num_detections"))
-    return [(b[j, :int(count[j])], s[j, :int(count[j])], lab[j, :int(count[j])]) for j in range(len(b))]
+        return [(b[j, :int(count[j])], s[j, :int(count[j])], lab[j, :int(count[j])]) for j in range(len(b))]
+    out = []
+    for i in range(0, len(outputs["boxes"]), batch):
+        out += detections(dict(zip(("boxes", "scores", "labels", "num_detections"),
+                                   nms(np.asarray(outputs["boxes"][i:i + batch], np.float32),
+                                       np.asarray(outputs["scores"][i:i + batch], np.float32)))), nms)
+    return out
 
 
 def coco_detections(dets, data: DetectionSet) -> list[dict]:
@@ -241,27 +247,19 @@ def nms_of(model, size: int):
     return nms
 
 
-def torch_detections(model, data: DetectionSet, batch: int, size: int, threads: int = 1):
+def torch_outputs(model, data: DetectionSet, batch: int = 64, threads: int = 0) -> dict[str, np.ndarray]:
+    """PyTorch's outputs by name on every image of ``data`` (concatenated over batches), on ``threads``
+    intra-op threads (0: as set)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
-    out = []
+    parts: dict[str, list] = {}
     try:
         with torch.no_grad():
             for _, x in data.batches(batch):
-                outputs = dict(zip(model.output_names, (o.numpy() for o in model(torch.from_numpy(x)))))
-                out += detections(outputs, nms_of(model, size))
+                for name, o in zip(model.output_names, model(torch.from_numpy(x))):
+                    parts.setdefault(name, []).append(o.numpy())
     finally:
         torch.set_num_threads(before)
-    return out
-
-
-def torch_outputs(model, data: DetectionSet, batch: int = 64) -> dict[str, np.ndarray]:
-    """PyTorch's outputs by name on every image of ``data`` (concatenated over batches)."""
-    parts: dict[str, list] = {}
-    with torch.no_grad():
-        for _, x in data.batches(batch):
-            for name, o in zip(model.output_names, model(torch.from_numpy(x))):
-                parts.setdefault(name, []).append(o.numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -282,22 +280,18 @@ def evaluate(folder: Path, card: dict, data: DetectionSet, reference, batch: int
     from export.evaluate import artifact_runner
     from qbheat_contract.card import artifact_path
 
-    size = int(card["preprocessing"]["input_size"][-1])
-    ref_dets = torch_detections(reference, data, batch, size, threads)
+    nms = nms_of(reference, int(card["preprocessing"]["input_size"][-1]))
+    ref_dets = detections(torch_outputs(reference, data, batch, threads), nms, batch)
     ref = coco_result(ref_dets, data)
     ref_matches = CocoMatches.of(data.split.coco, coco_detections(ref_dets, data))
-    nms = nms_of(reference, size)
     results = {}
     for art in card["artifacts"]:
         runner = artifact_runner(art, artifact_path(folder, art), batch, threads)
         if isinstance(runner, str):
             results[art["path"]] = {"skipped": runner}
             continue
-        name = runner.inputs()[0]["name"]
-        dets = []
         try:
-            for _, x in data.batches(batch):
-                dets += detections(runner.run({name: np.ascontiguousarray(x)}), nms)
+            dets = detections(runner_outputs(runner, data, batch), nms, batch)
         finally:
             runner.close()
         results[art["path"]] = entry(ref, coco_result(dets, data), ref_matches, CocoMatches.of(data.split.coco, coco_detections(dets, data)))

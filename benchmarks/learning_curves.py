@@ -105,7 +105,8 @@ def pretrain_config(row: str, seed: int, max_epochs: float, args: argparse.Names
     overrides = dict(parse_assignment(s) for s in args.set) if row == "qbheat" else {}
     cfg = load_config(ROOT / "qbheat" / "configs" / f"{row}_fashion_mnist_micro.yaml", {
         **overrides, "epochs": max_epochs, "batch_size": args.batch_size, "image_size": args.image_size,
-        "seed": seed, "out_dir": str(Path(args.work_dir) / run_name(row, seed, max_epochs)), "num_workers": 0, "progress": False,
+        "seed": seed, "out_dir": str(Path(args.work_dir) / run_name(row, seed, schedule_of(row, max_epochs))),
+        "num_workers": 0, "progress": False,
         "tensorboard": False, "resume": "auto", "ckpt_every": 500, "log_every": 50})
     if row == "mocov2":
         cfg.mocov2.queue_size = min(cfg.mocov2.queue_size, args.batch_size * 32)  # ≤ 32 batches (tiny runs)
@@ -154,6 +155,11 @@ def run_name(row: str, seed: int, schedule: float) -> str:
     return f"{row}_s{seed}_sch{schedule:g}"
 
 
+def schedule_of(row: str, max_epochs: float) -> float:
+    """A run's schedule as its points record it (random init has none)."""
+    return round(max_epochs, 4) if row != "random" else 0.0
+
+
 def point_key(p: dict[str, Any]) -> tuple[str, int, float, float]:
     return p["row"], p["seed"], round(p.get("schedule_epochs", 0.0), 4), round(p["epochs"], 4)
 
@@ -171,7 +177,7 @@ def train_supervised(seed: int, epochs: float, max_epochs: float, args: argparse
     from qbheat.checkpoint import save_checkpoint
     from qbheat.data.build import GlobalStepSampler
 
-    out = Path(args.work_dir) / run_name("supervised", seed, max_epochs)
+    out = Path(args.work_dir) / run_name("supervised", seed, schedule_of("supervised", max_epochs))
     out.mkdir(parents=True, exist_ok=True)
     last = out / "last.pt"
     steps = GlobalStepSampler(60_000, args.batch_size)
@@ -222,7 +228,7 @@ def run_task(row: str, seed: int, todo: list[float], max_epochs: float, flops: i
             backbone = build_backbone(load_checkpoint(snapshot, kinds=("pretrain",)))
         train_s = time.perf_counter() - t0
         res = evaluate_backbone(backbone, data, args, seed)
-        schedule = max_epochs if row != "random" else 0.0
+        schedule = schedule_of(row, max_epochs)
         prev = _load_prev_train_s(args, row, seed, epochs, schedule)
         record = {"row": row, "seed": seed, "epochs": epochs, "schedule_epochs": schedule,
                   "steps": steps, "step_flops": flops,
@@ -263,7 +269,8 @@ def merge_results(args: argparse.Namespace, previous: dict[str, Any]) -> dict[st
 def aggregate(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, float, float], list[dict[str, Any]]] = {}
     for p in points:
-        groups.setdefault((p["row"], round(p.get("schedule_epochs", 0.0), 4), round(p["epochs"], 4)), []).append(p)
+        row, _, schedule, epochs = point_key(p)
+        groups.setdefault((row, schedule, epochs), []).append(p)
     out = []
     for (row, schedule, epochs), ps in groups.items():
         agg = {"row": row, "epochs": epochs, "n": len(ps), "seeds": sorted(p["seed"] for p in ps),
@@ -445,7 +452,7 @@ def main(argv=None) -> dict[str, Any]:
     tasks = []
     for row in args.rows:
         max_epochs = args.max_epochs or max(plan[row]) or 1.0
-        schedule = round(max_epochs, 4) if row != "random" else 0.0
+        schedule = schedule_of(row, max_epochs)
         for seed in args.seeds:
             missing = [e for e in plan[row] if (row, seed, schedule, round(e, 4)) not in have]
             if missing:
